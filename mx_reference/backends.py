@@ -29,13 +29,27 @@ class AcceleratorBackend(Protocol):
     arenas) and ``gds`` (GPUDirect Storage).
     """
 
-    name: str
-    torch_device_type: str
-    nixl_mem_type: str
-    rdma_p2p: bool
-    pool_registration: bool
-    vmm: bool
-    gds: bool
+    # Read-only in the protocol so frozen dataclasses satisfy it.
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def torch_device_type(self) -> str: ...
+
+    @property
+    def nixl_mem_type(self) -> str: ...
+
+    @property
+    def rdma_p2p(self) -> bool: ...
+
+    @property
+    def pool_registration(self) -> bool: ...
+
+    @property
+    def vmm(self) -> bool: ...
+
+    @property
+    def gds(self) -> bool: ...
 
     def is_accel_tensor(self, t: object) -> bool:
         """True when ``t`` is a tensor living on this backend's device type."""

@@ -1,14 +1,89 @@
-"""The ``mx-sim`` command line."""
+"""``mx-sim``: the simulator's command line.
+
+- ``mx-sim run``: the main job. Runs the default scenario matrix (discovery, multi-producer IPC,
+  the refit matrix, graph capture across a refit) on CPU and writes ``report.json``,
+  ``report.md`` and PNG plots; exits non-zero on any failure.
+- ``mx-sim bench``: the benchmarks; JSON results and plots (``tox -e bench`` writes docs/perf).
+- ``mx-sim conformance --adapter pkg.module:factory``: the conformance suite without pytest flags.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+
+from mx_sim.bench import BENCH_MODULES
+from mx_sim.runner import SCENARIO_MODULES
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Bad options get one line on stderr (and exit code 2), never usage dumps or tracebacks."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _csv(known: tuple[str, ...]):
+    def parse(text: str) -> list[str]:
+        names = [n.strip() for n in text.split(",") if n.strip()]
+        unknown = [n for n in names if n not in known]
+        if unknown or not names:
+            raise argparse.ArgumentTypeError(
+                f"unknown name(s) {', '.join(unknown) or '<empty>'}; choose from {', '.join(known)}"
+            )
+        return names
+
+    return parse
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mx-sim", description=__doc__)
-    parser.add_subparsers(dest="command")
+    parser = OneLineParser(prog="mx-sim", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", parser_class=OneLineParser)
+
+    run = commands.add_parser("run", help="run the default scenario matrix (the main job)")
+    run.add_argument(
+        "--scenarios",
+        type=_csv(SCENARIO_MODULES),
+        default=list(SCENARIO_MODULES),
+        help=f"comma-separated subset of {','.join(SCENARIO_MODULES)} (default: all)",
+    )
+    run.add_argument("--out", type=Path, default=Path("mx-sim-out"), help="output directory")
+    run.add_argument("--quick", action="store_true", help="a smaller matrix, for smoke tests")
+    run.add_argument(
+        "--transport",
+        choices=("sim", "nixl"),
+        default="sim",
+        help="refit data plane: the simulated transport (default) or real NIXL over UCX",
+    )
+    run.add_argument("--model", default=None, help="tiny HF model for a custom refit topology")
+    run.add_argument("--trainer-tp", type=_positive, default=None)
+    run.add_argument("--trainer-pp", type=_positive, default=None)
+    run.add_argument("--trainer-ep", type=_positive, default=None)
+    run.add_argument("--inference-tp", type=_positive, default=None)
+    run.add_argument("--replicas", type=_positive, default=None)
+    run.add_argument("--cycles", type=_positive, default=3, help="refit cycles per scenario")
+
+    bench = commands.add_parser("bench", help="run the benchmarks, write JSON and plots")
+    bench.add_argument("--out", type=Path, default=Path("docs/perf"))
+    bench.add_argument("--only", type=_csv(BENCH_MODULES), default=list(BENCH_MODULES))
+    bench.add_argument("--quick", action="store_true", help="tiny sizes, for smoke tests")
+
+    conformance = commands.add_parser("conformance", help="run the adapter conformance suite")
+    conformance.add_argument("--adapter", required=True, help="pkg.module:factory")
+    conformance.add_argument("--report", type=Path, default=None, help="JSON report path")
+    conformance.add_argument("--xfail", type=Path, default=None, help="expected-failures file")
+    conformance.add_argument("-k", dest="keyword", default=None, help="select checks by id")
     return parser
 
 
@@ -18,7 +93,26 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    return 0
+    try:
+        if args.command == "run":
+            from mx_sim.scenarios.matrix import run_main
+
+            return run_main(args)
+        if args.command == "bench":
+            from mx_sim.runner import run_benchmarks
+
+            results = run_benchmarks(args.only, args.out, args.quick)
+            missed = [r.name for r in results if not r.met]
+            print(f"[mx-sim bench] {len(results) - len(missed)}/{len(results)} goals met")
+            return 0
+        from mx_sim.conformance.runner import run_conformance
+
+        return run_conformance(
+            args.adapter, report=args.report, xfail=args.xfail, keyword=args.keyword
+        )
+    except ValueError as exc:
+        print(f"mx-sim: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

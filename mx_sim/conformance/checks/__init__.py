@@ -1,0 +1,3 @@
+"""Conformance checks, one module per feature; importing this package registers them all."""
+
+from mx_sim.conformance.checks import discovery, graphs, ipc, refit  # noqa: F401

@@ -1,0 +1,30 @@
+"""The conformance suite as pytest tests: one parametrized test per registered check.
+
+Collected only when the plugin is given an adapter (``--mx-adapter`` or ``MX_ADAPTER``).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from mx_sim.conformance.plugin import adapter_spec
+from mx_sim.conformance.registry import all_checks
+from mx_sim.conformance.runner import load_factory
+
+CHECKS = all_checks()
+
+
+@pytest.fixture(scope="session")
+def mx_adapter_factory(pytestconfig):
+    return load_factory(adapter_spec(pytestconfig))
+
+
+@pytest.mark.parametrize(
+    "check", [pytest.param(c, id=c.id, marks=pytest.mark.mx_check(c.id)) for c in CHECKS]
+)
+def test_check(check, mx_adapter_factory):
+    adapter = mx_adapter_factory()
+    missing = check.missing_capabilities(frozenset(adapter.capabilities))
+    if missing:
+        pytest.skip(f"adapter does not declare capability {', '.join(missing)}")
+    check.fn(adapter)

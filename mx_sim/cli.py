@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", type=Path, default=Path("docs/perf"))
     bench.add_argument("--only", type=_csv(BENCH_MODULES), default=list(BENCH_MODULES))
     bench.add_argument("--quick", action="store_true", help="tiny sizes, for smoke tests")
+    bench.add_argument(
+        "--page", type=Path, default=None, help="also write a markdown page (docs/performance.md)"
+    )
 
     conformance = commands.add_parser("conformance", help="run the adapter conformance suite")
     conformance.add_argument("--adapter", required=True, help="pkg.module:factory")
@@ -99,9 +102,11 @@ def main(argv: list[str] | None = None) -> int:
 
             return run_main(args)
         if args.command == "bench":
-            from mx_sim.runner import run_benchmarks
+            from mx_sim.runner import run_benchmarks, write_performance_page
 
             results = run_benchmarks(args.only, args.out, args.quick)
+            if args.page:
+                write_performance_page(results, args.out, args.page)
             missed = [r.name for r in results if not r.met]
             print(f"[mx-sim bench] {len(results) - len(missed)}/{len(results)} goals met")
             return 0

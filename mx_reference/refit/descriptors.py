@@ -1,0 +1,322 @@
+"""Wire format: per-tensor shard descriptors and per-rank source manifests.
+
+Our own versioned msgspec schema, encoded as msgpack. Nothing here is ever pickled, and no
+transport's own descriptor blobs travel in it: a publisher's transport metadata rides along as
+opaque ``agent_metadata`` bytes that only the transport interprets. Only real tensors are
+described: a zero-size or ``__mx_``-prefixed sidecar entry is rejected, because one such entry in
+a NIXL descriptor list once failed a whole transfer.
+
+Range semantics along ``shard_axis`` (end-exclusive, in rows of the global tensor):
+
+* ``column``, ``row``, ``vocab_parallel``, ``expert_row``, ``qkv_column``: the shard holds
+  global rows ``[lo, hi)`` of the global Megatron tensor (for ``qkv_column`` the global tensor is
+  interleaved per query group, so a group-aligned range is self-contained).
+* ``gated_mlp_column``, ``expert_column``: the global tensor is ``[gate; up]`` and the range is
+  along each half: the shard holds ``[gate[lo:hi]; up[lo:hi]]``, Megatron's per-rank fc1 layout.
+* ``replicated``: the whole tensor (``shard_range`` is ``None``).
+
+Expert tensors come in two layouts: per-expert (2-D, one tensor per expert, ``expert_ids`` is
+the one global id) and grouped (3-D, experts stacked on axis 0, ``expert_ids`` is the contiguous
+run of global ids this rank holds, ``shard_axis`` is the within-expert axis).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import msgspec
+import torch
+
+SCHEMA_VERSION = 1
+
+ROLES = (
+    "column",
+    "row",
+    "qkv_column",
+    "gated_mlp_column",
+    "vocab_parallel",
+    "replicated",
+    "expert_column",
+    "expert_row",
+)
+GATED_ROLES = ("gated_mlp_column", "expert_column")
+EXPERT_ROLES = ("expert_column", "expert_row")
+PLACEMENTS = ("replicate", "shard", "partial")
+MANIFEST_ROLES = ("trainer", "replica")
+SIDECAR_PREFIX = "__mx_"
+
+DTYPES: dict[str, torch.dtype] = {
+    "float64": torch.float64,
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float8_e4m3fn": torch.float8_e4m3fn,
+    "float8_e5m2": torch.float8_e5m2,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"``, the spelling the wire uses."""
+    return str(dtype).removeprefix("torch.")
+
+
+def _bad(name: str, field: str, why: str) -> ValueError:
+    return ValueError(f"tensor {name!r}: field {field!r}: {why}")
+
+
+class ShardDescriptor(msgspec.Struct, frozen=True, kw_only=True):
+    """One tensor shard a publisher exposes: what it is, where it sits, which rows it holds."""
+
+    name: str
+    global_shape: tuple[int, ...]
+    dtype: str
+    role: str = "replicated"
+    placement: str = "replicate"
+    shard_axis: int = 0
+    shard_range: tuple[int, int] | None = None
+    expert_ids: tuple[int, ...] = ()
+    num_experts: int = 0
+    num_heads: int = 0  # qkv_column: query heads of the whole model
+    num_kv_heads: int = 0  # qkv_column: key/value heads (query groups)
+    nbytes: int = 0
+    offset: int = 0  # inside the publisher's registered region
+    digest: str = ""  # optional content digest (hex SHA-256 of the shard bytes)
+
+    def __post_init__(self) -> None:
+        self._validate()
+
+    @property
+    def grouped(self) -> bool:
+        """A stacked expert tensor: experts on axis 0, this rank's run in ``expert_ids``."""
+        return self.role in EXPERT_ROLES and len(self.global_shape) == 3
+
+    @property
+    def local_shape(self) -> tuple[int, ...]:
+        """Shape of the shard tensor this descriptor describes."""
+        shape = list(self.global_shape)
+        if self.shard_range is not None:
+            lo, hi = self.shard_range
+            shape[self.shard_axis] = (hi - lo) * (2 if self.role in GATED_ROLES else 1)
+        if self.grouped:
+            shape[0] = len(self.expert_ids)
+        return tuple(shape)
+
+    @property
+    def element_size(self) -> int:
+        return DTYPES[self.dtype].itemsize
+
+    def segments(self) -> list[tuple[int, int]]:
+        """Global rows ``[lo, hi)`` along ``shard_axis`` this shard holds, in local order."""
+        if self.shard_range is None:
+            return [(0, self.global_shape[self.shard_axis])]
+        lo, hi = self.shard_range
+        if self.role in GATED_ROLES:
+            half = self.global_shape[self.shard_axis] // 2
+            return [(lo, hi), (half + lo, half + hi)]
+        return [(lo, hi)]
+
+    def _validate(self) -> None:
+        n = self.name
+        if not n or n.startswith(SIDECAR_PREFIX):
+            raise _bad(n, "name", f"empty or reserved {SIDECAR_PREFIX!r} sidecar name")
+        if self.role not in ROLES:
+            raise _bad(n, "role", f"unknown role {self.role!r}; known: {', '.join(ROLES)}")
+        if self.placement not in PLACEMENTS:
+            raise _bad(n, "placement", f"unknown placement {self.placement!r}")
+        if self.dtype not in DTYPES:
+            raise _bad(n, "dtype", f"unknown dtype {self.dtype!r}")
+        if not self.global_shape or any(d <= 0 for d in self.global_shape):
+            raise _bad(n, "global_shape", f"{self.global_shape} must be non-empty and positive")
+        if not 0 <= self.shard_axis < len(self.global_shape):
+            raise _bad(n, "shard_axis", f"{self.shard_axis} out of range for {self.global_shape}")
+        extent = self.global_shape[self.shard_axis]
+        if self.role in GATED_ROLES:
+            if extent % 2:
+                raise _bad(n, "global_shape", f"gated [gate; up] extent {extent} is odd")
+            extent //= 2
+        if self.shard_range is None:
+            if self.placement == "shard" and not self.grouped:
+                raise _bad(n, "shard_range", "placement 'shard' needs a range")
+        else:
+            lo, hi = self.shard_range
+            if not 0 <= lo < hi <= extent:
+                raise _bad(n, "shard_range", f"[{lo}, {hi}) not inside [0, {extent})")
+        if self.role == "qkv_column":
+            self._validate_heads()
+        if self.role in EXPERT_ROLES:
+            self._validate_experts()
+        elif self.expert_ids:
+            raise _bad(n, "expert_ids", f"set on non-expert role {self.role!r}")
+        want = math.prod(self.local_shape) * self.element_size
+        if self.nbytes != want:
+            raise _bad(n, "nbytes", f"{self.nbytes} != {want} for local shape {self.local_shape}")
+        if self.offset < 0:
+            raise _bad(n, "offset", f"{self.offset} is negative")
+
+    def _validate_heads(self) -> None:
+        n, h, g = self.name, self.num_heads, self.num_kv_heads
+        if h <= 0 or g <= 0 or h % g:
+            raise _bad(n, "num_kv_heads", f"{g} must be positive and divide num_heads={h}")
+        if self.global_shape[0] % (h + 2 * g):
+            raise _bad(n, "global_shape", f"{self.global_shape[0]} rows not a multiple of H+2G")
+        if self.shard_range is not None:
+            group_rows = self.global_shape[0] // g
+            lo, hi = self.shard_range
+            if lo % group_rows or hi % group_rows:
+                raise _bad(n, "shard_range", f"[{lo}, {hi}) not aligned to query groups")
+
+    def _validate_experts(self) -> None:
+        n, ids, e = self.name, self.expert_ids, self.num_experts
+        if not ids or e <= 0 or not all(0 <= i < e for i in ids):
+            raise _bad(n, "expert_ids", f"{ids} must be non-empty ids in [0, num_experts={e})")
+        if self.grouped:
+            if ids != tuple(range(ids[0], ids[0] + len(ids))) or self.global_shape[0] != e:
+                raise _bad(n, "expert_ids", f"{ids} must be a contiguous run of axis 0 ({e})")
+            if self.shard_axis == 0:
+                raise _bad(n, "shard_axis", "axis 0 of a grouped expert tensor holds experts")
+        elif len(ids) != 1:
+            raise _bad(n, "expert_ids", f"a per-expert tensor names one expert, got {ids}")
+
+
+class SourceManifest(msgspec.Struct, frozen=True, kw_only=True):
+    """Everything one publisher rank tells receivers about one version of its weights."""
+
+    schema_version: int = SCHEMA_VERSION
+    model_id: str
+    version: int  # training step
+    revision: str = ""  # content digest of the weights
+    role: str = "trainer"
+    tp_rank: int = 0
+    tp_size: int = 1
+    pp_rank: int = 0
+    pp_size: int = 1
+    ep_rank: int = 0
+    ep_size: int = 1
+    agent_metadata: bytes = b""  # the transport's own, opaque here
+    tensors: tuple[ShardDescriptor, ...] = ()
+    layout_signature: str = ""
+    names_digest: str = ""
+
+    @property
+    def world_size(self) -> int:
+        """How many publisher ranks make up one version."""
+        return self.tp_size * self.pp_size * self.ep_size
+
+    @property
+    def rank(self) -> int:
+        """This publisher's slot in ``[0, world_size)``; never a global torch rank."""
+        return (self.pp_rank * self.ep_size + self.ep_rank) * self.tp_size + self.tp_rank
+
+
+def layout_signature(tensors, *, tp=(0, 1), pp=(0, 1), ep=(0, 1)) -> str:
+    """SHA-256 over the sorted per-tensor layouts plus the (rank, size) position.
+
+    Version-independent (no step, no digest, no offsets) and topology-sensitive: it keys caches.
+    """
+    rows = sorted(
+        (
+            d.name,
+            d.global_shape,
+            d.dtype,
+            d.placement,
+            d.role,
+            d.shard_axis,
+            d.shard_range,
+            d.expert_ids,
+            d.num_heads,
+            d.num_kv_heads,
+        )
+        for d in tensors
+    )
+    return hashlib.sha256(msgspec.msgpack.encode([tp, pp, ep, rows])).hexdigest()
+
+
+def name_digest(names) -> str:
+    """SHA-256 of the ordered name sequence (order matters: it is what a receiver iterates)."""
+    return hashlib.sha256("\n".join(names).encode()).hexdigest()
+
+
+def make_manifest(
+    model_id: str,
+    version: int,
+    tensors,
+    *,
+    tp: tuple[int, int] = (0, 1),
+    pp: tuple[int, int] = (0, 1),
+    ep: tuple[int, int] = (0, 1),
+    revision: str = "",
+    role: str = "trainer",
+    agent_metadata: bytes = b"",
+) -> SourceManifest:
+    """A validated manifest with its signature and name digest filled in.
+
+    ``tp``, ``pp`` and ``ep`` are ``(rank, size)`` pairs of the parallel groups, not global ranks.
+    """
+    tensors = tuple(tensors)
+    m = SourceManifest(
+        model_id=model_id,
+        version=version,
+        revision=revision,
+        role=role,
+        tp_rank=tp[0],
+        tp_size=tp[1],
+        pp_rank=pp[0],
+        pp_size=pp[1],
+        ep_rank=ep[0],
+        ep_size=ep[1],
+        agent_metadata=agent_metadata,
+        tensors=tensors,
+        layout_signature=layout_signature(tensors, tp=tp, pp=pp, ep=ep),
+        names_digest=name_digest(d.name for d in tensors),
+    )
+    validate_manifest(m)
+    return m
+
+
+def validate_manifest(m: SourceManifest) -> None:
+    """Cross-field checks that the per-descriptor ``__post_init__`` cannot see."""
+    where = f"manifest {m.model_id!r} v{m.version}"
+    if m.schema_version > SCHEMA_VERSION:
+        raise ValueError(
+            f"{where}: field 'schema_version': {m.schema_version} is newer than "
+            f"this reader ({SCHEMA_VERSION})"
+        )
+    if m.role not in MANIFEST_ROLES:
+        raise ValueError(f"{where}: field 'role': unknown {m.role!r}")
+    for field in ("tp", "pp", "ep"):
+        rank, size = getattr(m, f"{field}_rank"), getattr(m, f"{field}_size")
+        if not 0 <= rank < size:
+            raise ValueError(f"{where}: field '{field}_rank': {rank} not in [0, {size})")
+    names = [d.name for d in m.tensors]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{where}: field 'tensors': duplicate tensor names")
+    pos = ((m.tp_rank, m.tp_size), (m.pp_rank, m.pp_size), (m.ep_rank, m.ep_size))
+    if m.layout_signature != layout_signature(m.tensors, tp=pos[0], pp=pos[1], ep=pos[2]):
+        raise ValueError(f"{where}: field 'layout_signature': does not match the descriptors")
+    if m.names_digest != name_digest(names):
+        raise ValueError(f"{where}: field 'names_digest': does not match the tensor names")
+
+
+_ENCODER = msgspec.msgpack.Encoder()
+_DECODER = msgspec.msgpack.Decoder(SourceManifest)
+
+
+def encode_manifest(m: SourceManifest) -> bytes:
+    """msgpack bytes of ``m``; the only form a manifest takes on the wire."""
+    return _ENCODER.encode(m)
+
+
+def decode_manifest(data: bytes) -> SourceManifest:
+    """Parse and validate; raises ``ValueError`` naming the tensor and field on bad input."""
+    try:
+        m = _DECODER.decode(data)
+    except msgspec.DecodeError as e:  # ValidationError (a ValueError) carries our message
+        raise ValueError(f"bad refit manifest: {e}") from None
+    validate_manifest(m)
+    return m

@@ -1,0 +1,501 @@
+"""Megatron <-> HF layout translation, both directions, exact inverses.
+
+Every Megatron tensor has a *canonical* global form that does not depend on the TP size: the
+QKV weight interleaved per query group ``[q heads of g; k_g; v_g]``, fc1 as ``[gate; up]``, the
+embedding and output layer truncated to the real vocab. A TP rank's shard is cut from that form
+by role (:func:`rank_segments` says which global rows, in local order), and the receiver merges
+its ranks' shards back into it. The helpers that bugs have lived in (:func:`tp_range`,
+:func:`megatron_qkv_from_hf`, :func:`hf_gate_up_from_megatron`, ...) are small public functions
+so conformance mutants can patch them.
+
+Notation: H query heads, G KV heads (query groups), p = H/G, D head dim, I FFN size, E experts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import astuple, dataclass
+from typing import NamedTuple
+
+import msgspec
+import torch
+
+from mx_reference.refit.descriptors import EXPERT_ROLES, GATED_ROLES, ShardDescriptor, dtype_name
+
+EXPERT_LAYOUTS = ("per_expert", "grouped")
+
+
+# ---- extents ----------------------------------------------------------------------------------
+
+
+def tp_range(extent: int, tp: int, rank: int) -> tuple[int, int]:
+    """Rows ``[lo, hi)`` of an axis of ``extent`` that TP rank ``rank`` of ``tp`` holds.
+
+    ``per = extent // tp``; the last rank takes the remainder (not the whole axis).
+    """
+    if tp <= 0 or not 0 <= rank < tp:
+        raise ValueError(f"tp rank {rank} not in [0, {tp})")
+    per = extent // tp
+    return rank * per, extent if rank == tp - 1 else (rank + 1) * per
+
+
+def padded_vocab_size(vocab: int, tp: int, divisible_by: int = 128) -> int:
+    """Megatron's padded vocab: the smallest multiple of ``divisible_by * tp`` >= ``vocab``."""
+    step = divisible_by * tp
+    return -(-vocab // step) * step
+
+
+def vocab_range(vocab: int, tp: int, rank: int, divisible_by: int = 128) -> tuple[int, int]:
+    """Real (unpadded) vocab rows of rank ``rank``: padding sits on the last rank(s), which may
+    hold no real row at all (then ``lo == hi``)."""
+    lo, hi = tp_range(padded_vocab_size(vocab, tp, divisible_by), tp, rank)
+    return min(lo, vocab), min(hi, vocab)
+
+
+def expert_range(num_experts: int, ep_size: int, ep_rank: int) -> tuple[int, int]:
+    """Global expert ids ``[lo, hi)`` on EP rank ``ep_rank`` (linear placement)."""
+    if num_experts % ep_size:
+        raise ValueError(f"num_experts={num_experts} not divisible by ep_size={ep_size}")
+    return tp_range(num_experts, ep_size, ep_rank)
+
+
+def global_expert_id(local_id: int, *, ep_rank: int, num_experts: int, ep_size: int) -> int:
+    """``gid = ep_rank * (E / ep_size) + local_id``."""
+    lo, hi = expert_range(num_experts, ep_size, ep_rank)
+    if not 0 <= local_id < hi - lo:
+        raise ValueError(f"local expert id {local_id} not in [0, {hi - lo})")
+    return lo + local_id
+
+
+def _check_heads(num_heads: int, num_kv_heads: int) -> None:
+    if num_heads <= 0 or num_kv_heads <= 0 or num_heads % num_kv_heads:
+        raise ValueError(f"num_kv_heads={num_kv_heads} must divide num_heads={num_heads}")
+
+
+def qkv_segments(
+    extent: int, tp: int, rank: int, *, num_heads: int, num_kv_heads: int
+) -> list[tuple[int, int]]:
+    """Rows of the interleaved QKV tensor that TP rank ``rank`` holds, in local order.
+
+    With G divisible by ``tp`` a rank owns whole groups: one contiguous range. With more ranks
+    than KV heads (tp divisible by G) each rank holds H/tp query heads of group
+    ``rank // (tp/G)`` plus that group's k and v, which ``tp/G`` ranks share; its local tensor
+    is again an interleave, of one group.
+    """
+    h, g = num_heads, num_kv_heads
+    _check_heads(h, g)
+    if extent % (h + 2 * g):
+        raise ValueError(f"QKV extent {extent} is not a multiple of H+2G={h + 2 * g}")
+    if g % tp == 0:
+        return [tp_range(extent, tp, rank)]
+    if tp % g or h % tp:
+        raise ValueError(
+            f"tp={tp} must divide num_kv_heads={g}, or be a multiple of it "
+            f"that divides num_heads={h}"
+        )
+    d, p = extent // (h + 2 * g), h // g
+    reps, qh = tp // g, h // tp
+    base = (rank // reps) * (p + 2) * d
+    j = rank % reps
+    return [(base + j * qh * d, base + (j + 1) * qh * d), (base + p * d, base + (p + 2) * d)]
+
+
+def rank_segments(
+    d: ShardDescriptor, tp: int, rank: int, *, vocab_divisible_by: int = 128
+) -> list[tuple[int, int]]:
+    """Global rows along ``d.shard_axis`` that rank ``rank`` of ``tp`` holds of tensor ``d``."""
+    extent = d.global_shape[d.shard_axis]
+    if d.role == "replicated":
+        return [(0, extent)]
+    if d.role == "qkv_column":
+        return qkv_segments(extent, tp, rank, num_heads=d.num_heads, num_kv_heads=d.num_kv_heads)
+    if d.role in GATED_ROLES:
+        lo, hi = tp_range(extent // 2, tp, rank)
+        return [(lo, hi), (extent // 2 + lo, extent // 2 + hi)]
+    if d.role == "vocab_parallel":
+        lo, hi = vocab_range(extent, tp, rank, vocab_divisible_by)
+    else:
+        lo, hi = tp_range(extent, tp, rank)
+    return [(lo, hi)] if hi > lo else []
+
+
+# ---- fused tensors ----------------------------------------------------------------------------
+
+
+def megatron_qkv_from_hf(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, num_heads: int, num_kv_heads: int
+) -> torch.Tensor:
+    """HF ``q_proj``/``k_proj``/``v_proj`` (weights or biases) -> Megatron ``linear_qkv``,
+    interleaved per query group; a plain ``cat`` is wrong whenever G > 1."""
+    h, g = num_heads, num_kv_heads
+    _check_heads(h, g)
+    if q.shape[0] % h or k.shape != v.shape or k.shape[0] * h != q.shape[0] * g:
+        raise ValueError(
+            f"q/k/v shapes {tuple(q.shape)}/{tuple(k.shape)}/{tuple(v.shape)} do "
+            f"not fit num_heads={h}, num_kv_heads={g}"
+        )
+    d, rest = q.shape[0] // h, q.shape[1:]
+    groups = [q.reshape(g, (h // g) * d, *rest), k.reshape(g, d, *rest), v.reshape(g, d, *rest)]
+    return torch.cat(groups, dim=1).reshape((h + 2 * g) * d, *rest)  # [(H+2G)·D, ...]
+
+
+def hf_qkv_from_megatron(
+    qkv: torch.Tensor, *, num_heads: int, num_kv_heads: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`megatron_qkv_from_hf`: ``(q, k, v)``."""
+    h, g = num_heads, num_kv_heads
+    _check_heads(h, g)
+    if qkv.shape[0] % (h + 2 * g):
+        raise ValueError(f"linear_qkv rows {qkv.shape[0]} not a multiple of H+2G={h + 2 * g}")
+    d, p, rest = qkv.shape[0] // (h + 2 * g), h // g, qkv.shape[1:]
+    x = qkv.reshape(g, (p + 2) * d, *rest)  # [G, (p+2)·D, ...]
+    q = x[:, : p * d].reshape(h * d, *rest)
+    k = x[:, p * d : (p + 1) * d].reshape(g * d, *rest)
+    v = x[:, (p + 1) * d :].reshape(g * d, *rest)
+    return q, k, v
+
+
+def megatron_fc1_shards_from_hf(
+    gate: torch.Tensor, up: torch.Tensor, *, tp: int, dim: int = 0
+) -> list[torch.Tensor]:
+    """Megatron's per-rank fc1 shards ``[gate_r; up_r]`` along ``dim``, one per TP rank."""
+    if gate.shape != up.shape:
+        raise ValueError(f"gate {tuple(gate.shape)} and up {tuple(up.shape)} differ")
+    ranges = [tp_range(gate.shape[dim], tp, r) for r in range(tp)]
+    return [
+        torch.cat([gate.narrow(dim, lo, hi - lo), up.narrow(dim, lo, hi - lo)], dim=dim)
+        for lo, hi in ranges
+    ]
+
+
+def hf_gate_up_from_megatron(
+    shards: list[torch.Tensor], *, dim: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(gate, up)`` from per-rank ``[gate_r; up_r]`` shards in TP order.
+
+    Each shard is split in half on its own; halving the concatenation of all shards would
+    interleave ranks' gate and up rows whenever TP > 1.
+    """
+    halves = []
+    for r, s in enumerate(shards):
+        if s.shape[dim] % 2:
+            raise ValueError(f"fc1 shard {r} has an odd extent {s.shape[dim]} on dim {dim}")
+        halves.append(s.chunk(2, dim=dim))
+    return (torch.cat([g for g, _ in halves], dim=dim), torch.cat([u for _, u in halves], dim=dim))
+
+
+# ---- model config and name maps ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RefitModelConfig:
+    """The shape facts translation needs; ``from_hf`` reads them off a transformers config."""
+
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    tie_word_embeddings: bool = False
+    num_experts: int = 0
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    vocab_divisible_by: int = 128
+
+    @classmethod
+    def from_hf(cls, config) -> RefitModelConfig:
+        """Llama-, Qwen2/3- and Mixtral-style configs."""
+        model_type = getattr(config, "model_type", "")
+        return cls(
+            num_layers=config.num_hidden_layers,
+            hidden_size=config.hidden_size,
+            num_heads=config.num_attention_heads,
+            num_kv_heads=config.num_key_value_heads,
+            head_dim=getattr(config, "head_dim", None)
+            or config.hidden_size // config.num_attention_heads,
+            intermediate_size=getattr(config, "moe_intermediate_size", None)
+            or config.intermediate_size,
+            vocab_size=config.vocab_size,
+            tie_word_embeddings=bool(config.tie_word_embeddings),
+            num_experts=getattr(config, "num_local_experts", None)
+            or getattr(config, "num_experts", None)
+            or 0,
+            qkv_bias=model_type == "qwen2" or bool(getattr(config, "attention_bias", False)),
+            qk_norm=model_type.startswith("qwen3"),
+        )
+
+    def key(self) -> tuple:
+        """Hashable identity for plan caches."""
+        return astuple(self)
+
+
+class TensorRule(NamedTuple):
+    """One Megatron tensor and the HF tensors it comes from.
+
+    ``expert`` is set for per-expert tensors cut from HF's stacked ``mlp.experts.*`` (transformers
+    5 stores ``gate_up_proj`` as (E, 2I, H) with gate rows first, ``down_proj`` as (E, H, I)).
+    """
+
+    megatron: str
+    role: str
+    hf: tuple[str, ...]
+    axis: int = 0
+    expert: int | None = None
+
+
+def tensor_rules(cfg: RefitModelConfig, expert_layout: str = "per_expert") -> list[TensorRule]:
+    """Megatron <-> HF name map for Llama- and Qwen-style models (dense or MoE)."""
+    if expert_layout not in EXPERT_LAYOUTS:
+        raise ValueError(f"expert_layout {expert_layout!r} not in {EXPERT_LAYOUTS}")
+    R = TensorRule
+    rules = [
+        R("embedding.word_embeddings.weight", "vocab_parallel", ("model.embed_tokens.weight",))
+    ]
+    for i in range(cfg.num_layers):
+        m, h = f"decoder.layers.{i}.", f"model.layers.{i}."
+        att, qkv = m + "self_attention.", ("q_proj", "k_proj", "v_proj")
+        rules += [
+            R(att + "linear_qkv.layer_norm_weight", "replicated", (h + "input_layernorm.weight",)),
+            R(
+                att + "linear_qkv.weight",
+                "qkv_column",
+                tuple(f"{h}self_attn.{p}.weight" for p in qkv),
+            ),
+        ]
+        if cfg.qkv_bias:
+            rules.append(
+                R(
+                    att + "linear_qkv.bias",
+                    "qkv_column",
+                    tuple(f"{h}self_attn.{p}.bias" for p in qkv),
+                )
+            )
+        if cfg.qk_norm:
+            rules += [
+                R(att + "q_layernorm.weight", "replicated", (h + "self_attn.q_norm.weight",)),
+                R(att + "k_layernorm.weight", "replicated", (h + "self_attn.k_norm.weight",)),
+            ]
+        rules.append(R(att + "linear_proj.weight", "row", (h + "self_attn.o_proj.weight",), axis=1))
+        if not cfg.num_experts:
+            rules += [
+                R(
+                    m + "mlp.linear_fc1.layer_norm_weight",
+                    "replicated",
+                    (h + "post_attention_layernorm.weight",),
+                ),
+                R(
+                    m + "mlp.linear_fc1.weight",
+                    "gated_mlp_column",
+                    (h + "mlp.gate_proj.weight", h + "mlp.up_proj.weight"),
+                ),
+                R(m + "mlp.linear_fc2.weight", "row", (h + "mlp.down_proj.weight",), axis=1),
+            ]
+            continue
+        fc1, fc2 = (h + "mlp.experts.gate_up_proj",), (h + "mlp.experts.down_proj",)
+        rules += [
+            R(
+                m + "pre_mlp_layernorm.weight",
+                "replicated",
+                (h + "post_attention_layernorm.weight",),
+            ),
+            R(m + "mlp.router.weight", "replicated", (h + "mlp.gate.weight",)),
+        ]
+        if expert_layout == "grouped":
+            rules += [
+                R(m + "mlp.experts.linear_fc1.weight", "expert_column", fc1, axis=1),
+                R(m + "mlp.experts.linear_fc2.weight", "expert_row", fc2, axis=2),
+            ]
+            continue
+        for e in range(cfg.num_experts):
+            x = f"{m}mlp.experts.local_experts.{e}."
+            rules += [
+                R(x + "linear_fc1.weight", "expert_column", fc1, expert=e),
+                R(x + "linear_fc2.weight", "expert_row", fc2, axis=1, expert=e),
+            ]
+    rules.append(R("decoder.final_layernorm.weight", "replicated", ("model.norm.weight",)))
+    if not cfg.tie_word_embeddings:  # tied: the embedding is sent once, the tie restored on load
+        rules.append(R("output_layer.weight", "vocab_parallel", ("lm_head.weight",)))
+    return rules
+
+
+def megatron_name_map(
+    cfg: RefitModelConfig, expert_layout: str = "per_expert"
+) -> dict[str, tuple[str, ...]]:
+    """Megatron name -> the HF names it is made of."""
+    return {r.megatron: r.hf for r in tensor_rules(cfg, expert_layout)}
+
+
+# ---- canonical form <-> HF, canonical form <-> rank shards -----------------------------------
+
+
+def canonical_from_hf(
+    rule: TensorRule, hf: Mapping[str, torch.Tensor], cfg: RefitModelConfig
+) -> torch.Tensor:
+    """The canonical global Megatron tensor of ``rule`` built from HF tensors."""
+    try:
+        parts = [hf[n] if rule.expert is None else hf[n][rule.expert] for n in rule.hf]
+    except KeyError as e:
+        raise ValueError(f"tensor {rule.megatron!r}: HF state dict lacks {e.args[0]!r}") from None
+    if rule.role == "qkv_column":
+        return megatron_qkv_from_hf(*parts, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads)
+    if rule.role == "gated_mlp_column":
+        return torch.cat(parts)  # [gate; up]
+    return parts[0]  # HF's fused expert gate_up_proj is already [gate; up] per expert
+
+
+def shard_from_canonical(
+    d: ShardDescriptor, full: torch.Tensor, tp: int, rank: int, *, vocab_divisible_by: int = 128
+) -> torch.Tensor:
+    """Rank ``rank``'s Megatron shard of the canonical tensor ``full`` (spec ``d``)."""
+    if d.role in GATED_ROLES:
+        gate, up = full.chunk(2, dim=d.shard_axis)
+        return megatron_fc1_shards_from_hf(gate, up, tp=tp, dim=d.shard_axis)[rank]
+    segs = rank_segments(d, tp, rank, vocab_divisible_by=vocab_divisible_by)
+    return torch.cat([full.narrow(d.shard_axis, lo, hi - lo) for lo, hi in segs], d.shard_axis)
+
+
+def canonical_from_shards(
+    d: ShardDescriptor, shards: list[torch.Tensor], *, vocab_divisible_by: int = 128
+) -> torch.Tensor:
+    """Merge every rank's shard (TP order) back into the canonical tensor; inverse of
+    :func:`shard_from_canonical`."""
+    axis, tp = d.shard_axis, len(shards)
+    if d.role in GATED_ROLES:
+        return torch.cat(hf_gate_up_from_megatron(shards, dim=axis), dim=axis)
+    if d.role == "replicated":
+        return shards[0]
+    shape = list(shards[0].shape)  # grouped: this EP rank's experts only
+    shape[axis] = d.global_shape[axis]
+    full = shards[0].new_empty(shape)
+    for rank, shard in enumerate(shards):
+        at = 0
+        for lo, hi in rank_segments(d, tp, rank, vocab_divisible_by=vocab_divisible_by):
+            full.narrow(axis, lo, hi - lo).copy_(shard.narrow(axis, at, hi - lo))
+            at += hi - lo
+    return full
+
+
+def _spec(
+    rule: TensorRule, full: torch.Tensor, cfg: RefitModelConfig, experts: tuple[int, ...]
+) -> ShardDescriptor:
+    """A whole-tensor descriptor of ``rule``: the role facts the cutting helpers read."""
+    grouped = rule.role in EXPERT_ROLES and rule.expert is None
+    return ShardDescriptor(
+        name=rule.megatron,
+        global_shape=(cfg.num_experts, *full.shape[1:]) if grouped else tuple(full.shape),
+        dtype=dtype_name(full.dtype),
+        role=rule.role,
+        shard_axis=rule.axis,
+        expert_ids=experts,
+        num_experts=cfg.num_experts if rule.role in EXPERT_ROLES else 0,
+        num_heads=cfg.num_heads if rule.role == "qkv_column" else 0,
+        num_kv_heads=cfg.num_kv_heads if rule.role == "qkv_column" else 0,
+        nbytes=full.numel() * full.element_size(),
+    )
+
+
+def megatron_shards_from_hf(
+    hf: Mapping[str, torch.Tensor],
+    cfg: RefitModelConfig,
+    *,
+    tp_size: int,
+    tp_rank: int,
+    ep_size: int = 1,
+    ep_rank: int = 0,
+    expert_layout: str = "per_expert",
+) -> list[tuple[ShardDescriptor, torch.Tensor]]:
+    """What trainer rank (tp_rank, ep_rank) publishes: its Megatron shards and descriptors.
+
+    Offsets pack the shards back to back in list order. Experts are split across EP ranks
+    (linear placement) and within each expert across TP ranks. Empty shards (a vocab rank
+    holding only padding, an FFN narrower than TP) are left out: nothing of size zero reaches
+    the data plane.
+    """
+    if cfg.num_kv_heads % tp_size:
+        raise ValueError(f"num_kv_heads={cfg.num_kv_heads} not divisible by trainer tp={tp_size}")
+    e_lo, e_hi = expert_range(cfg.num_experts, ep_size, ep_rank) if cfg.num_experts else (0, 0)
+    out: list[tuple[ShardDescriptor, torch.Tensor]] = []
+    offset = 0
+    for rule in tensor_rules(cfg, expert_layout):
+        if rule.expert is not None and not e_lo <= rule.expert < e_hi:
+            continue
+        full = canonical_from_hf(rule, hf, cfg)
+        experts: tuple[int, ...] = ()
+        if rule.role in EXPERT_ROLES:
+            experts = (rule.expert,) if rule.expert is not None else tuple(range(e_lo, e_hi))
+            if rule.expert is None:
+                full = full[e_lo:e_hi]  # [E_local, ...]
+        spec = _spec(rule, full, cfg, experts)
+        shard = shard_from_canonical(
+            spec, full, tp_size, tp_rank, vocab_divisible_by=cfg.vocab_divisible_by
+        )
+        if shard.numel() == 0:
+            continue
+        shard = shard.contiguous()
+        segs = rank_segments(spec, tp_size, tp_rank, vocab_divisible_by=cfg.vocab_divisible_by)
+        sharded = spec.role != "replicated"
+        desc = msgspec.structs.replace(
+            spec,
+            placement="shard" if sharded or spec.grouped else "replicate",
+            shard_range=segs[0] if sharded else None,
+            nbytes=shard.numel() * shard.element_size(),
+            offset=offset,
+        )
+        out.append((desc, shard))
+        offset += desc.nbytes
+    return out
+
+
+def canonical_from_ranks(
+    ranks: Mapping[tuple[int, int], Mapping[str, torch.Tensor]],
+    specs: Mapping[str, ShardDescriptor],
+    *,
+    tp_size: int,
+    ep_size: int = 1,
+    vocab_divisible_by: int = 128,
+) -> dict[str, torch.Tensor]:
+    """Receiver side: merge what every target rank ``(tp_rank, ep_rank)`` assembled into the
+    canonical tensors. ``specs`` gives each tensor's role facts (a plan's ``TensorPlan.spec``)."""
+    out = {}
+    for name, d in specs.items():
+
+        def merged(ep_rank: int) -> torch.Tensor:
+            shards = [ranks[(t, ep_rank)][name] for t in range(tp_size)]  # noqa: B023
+            return canonical_from_shards(d, shards, vocab_divisible_by=vocab_divisible_by)  # noqa: B023
+
+        if d.grouped:
+            out[name] = torch.cat([merged(e) for e in range(ep_size)])
+        elif d.role in EXPERT_ROLES:
+            out[name] = merged(d.expert_ids[0] // (d.num_experts // ep_size))
+        else:
+            out[name] = merged(0)
+    return out
+
+
+def hf_from_canonical(
+    canonical: Mapping[str, torch.Tensor], cfg: RefitModelConfig, expert_layout: str = "per_expert"
+) -> dict[str, torch.Tensor]:
+    """Canonical Megatron tensors -> the HF state dict; a tied ``lm_head`` is the embedding
+    tensor itself, so the tie survives loading."""
+    out: dict[str, torch.Tensor] = {}
+    per_expert: dict[str, dict[int, torch.Tensor]] = {}
+    for rule in tensor_rules(cfg, expert_layout):
+        if rule.megatron not in canonical:
+            raise ValueError(f"tensor {rule.megatron!r}: missing from the refit")
+        t = canonical[rule.megatron]
+        if rule.role == "qkv_column":
+            parts = hf_qkv_from_megatron(t, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads)
+            out.update(zip(rule.hf, parts))
+        elif rule.role == "gated_mlp_column":
+            out.update(zip(rule.hf, t.chunk(2)))  # canonical is the TP-1 layout [gate; up]
+        elif rule.expert is not None:
+            per_expert.setdefault(rule.hf[0], {})[rule.expert] = t
+        else:
+            out[rule.hf[0]] = t
+    for name, by_id in per_expert.items():
+        out[name] = torch.stack([by_id[e] for e in range(cfg.num_experts)])  # [E, ...]
+    if cfg.tie_word_embeddings:
+        out["lm_head.weight"] = out["model.embed_tokens.weight"]
+    return out

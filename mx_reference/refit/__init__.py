@@ -41,8 +41,28 @@ from mx_reference.refit.layouts import (
     tp_range,
     vocab_range,
 )
+from mx_reference.refit.planner import (
+    IncompleteRefitPlan,
+    Piece,
+    PlanCache,
+    RefitPlan,
+    TargetLayout,
+    TensorPlan,
+    assemble,
+    coalesce,
+    plan_refit,
+)
 
 __all__ = [
+    "IncompleteRefitPlan",
+    "Piece",
+    "PlanCache",
+    "RefitPlan",
+    "TargetLayout",
+    "TensorPlan",
+    "assemble",
+    "coalesce",
+    "plan_refit",
     "ROLES",
     "SCHEMA_VERSION",
     "RefitModelConfig",

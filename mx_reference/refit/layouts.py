@@ -352,7 +352,7 @@ def shard_from_canonical(
     if d.role in GATED_ROLES:
         gate, up = full.chunk(2, dim=d.shard_axis)
         return megatron_fc1_shards_from_hf(gate, up, tp=tp, dim=d.shard_axis)[rank]
-    segs = rank_segments(d, tp, rank, vocab_divisible_by=vocab_divisible_by)
+    segs = rank_segments(d, tp, rank, vocab_divisible_by=vocab_divisible_by) or [(0, 0)]
     return torch.cat([full.narrow(d.shard_axis, lo, hi - lo) for lo, hi in segs], d.shard_axis)
 
 
@@ -487,9 +487,11 @@ def hf_from_canonical(
         t = canonical[rule.megatron]
         if rule.role == "qkv_column":
             parts = hf_qkv_from_megatron(t, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads)
-            out.update(zip(rule.hf, parts))
+            out.update(zip(rule.hf, parts, strict=True))
         elif rule.role == "gated_mlp_column":
-            out.update(zip(rule.hf, t.chunk(2)))  # canonical is the TP-1 layout [gate; up]
+            out.update(
+                zip(rule.hf, t.chunk(2), strict=True)
+            )  # canonical is the TP-1 layout [gate; up]
         elif rule.expert is not None:
             per_expert.setdefault(rule.hf[0], {})[rule.expert] = t
         else:

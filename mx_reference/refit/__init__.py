@@ -52,8 +52,10 @@ from mx_reference.refit.planner import (
     coalesce,
     plan_refit,
 )
+from mx_reference.refit.registry import VersionRegistry
 
 __all__ = [
+    "VersionRegistry",
     "IncompleteRefitPlan",
     "Piece",
     "PlanCache",

@@ -271,17 +271,16 @@ def _plan_tensor(name, entries, target: TargetLayout) -> tuple[TensorPlan | None
         want = rank_segments(
             spec, target.tp_size, target.tp_rank, vocab_divisible_by=target.vocab_divisible_by
         )
-        if spec.grouped:
-            e_want = expert_range(spec.num_experts, target.ep_size, target.ep_rank)
+        e_want = (
+            expert_range(spec.num_experts, target.ep_size, target.ep_rank) if spec.grouped else None
+        )
     except ValueError as e:
         return None, [f"field 'role' ({spec.role}): {e}"]
     shards = _pick_replicas(entries, target)
     axis, reasons = spec.shard_axis, []
-    dst_shape = list(spec.global_shape)
-    dst_shape[axis] = sum(hi - lo for lo, hi in want)
+    dst_shape = destination_shape(spec, want, e_want)
     raw: list[tuple[int, int, int, int, int, tuple | None, tuple | None]] = []
-    if spec.grouped:
-        dst_shape[0] = e_want[1] - e_want[0]
+    if e_want is not None:
         runs: dict[tuple[int, int], list[tuple[int, ShardDescriptor]]] = {}
         for rank, d in shards:
             runs.setdefault((d.expert_ids[0], d.expert_ids[0] + len(d.expert_ids)), []).append(
@@ -318,6 +317,19 @@ def _plan_tensor(name, entries, target: TargetLayout) -> tuple[TensorPlan | None
         )
     ]
     return TensorPlan(name, spec, tuple(dst_shape), plan_pieces), []
+
+
+def destination_shape(
+    spec: ShardDescriptor, segments: list[tuple[int, int]], experts: tuple[int, int] | None
+) -> tuple[int, ...]:
+    """The receiver's local tensor: the global shape with the shard axis cut to the rows its
+    segments hold (the last rank's remainder, not the whole axis) and, for grouped experts,
+    axis 0 cut to its expert range."""
+    shape = list(spec.global_shape)
+    shape[spec.shard_axis] = sum(hi - lo for lo, hi in segments)
+    if experts is not None:
+        shape[0] = experts[1] - experts[0]
+    return tuple(shape)
 
 
 def _coverage_reasons(axis: int, gaps, overlaps) -> list[str]:

@@ -105,8 +105,8 @@ def test_target_rank_comes_from_the_reported_layout_not_the_global_rank():
 # ---- fail closed -----------------------------------------------------------------------------
 
 
-def missing_reasons(manifests, target=TargetLayout(), **kw) -> str:
-    plan = plan_refit(manifests, target, **kw)
+def missing_reasons(manifests, target=None, **kw) -> str:
+    plan = plan_refit(manifests, target or TargetLayout(), **kw)
     assert plan.missing
     with pytest.raises(IncompleteRefitPlan) as e:
         plan.require_complete()

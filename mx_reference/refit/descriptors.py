@@ -15,8 +15,9 @@ Range semantics along ``shard_axis`` (end-exclusive, in rows of the global tenso
   along each half: the shard holds ``[gate[lo:hi]; up[lo:hi]]``, Megatron's per-rank fc1 layout.
 * ``replicated``: the whole tensor (``shard_range`` is ``None``).
 
-Expert tensors come in two layouts: per-expert (2-D, one tensor per expert, ``expert_ids`` is
-the one global id) and grouped (3-D, experts stacked on axis 0, ``expert_ids`` is the contiguous
+Expert tensors come in two layouts: per-expert (one tensor per expert, ``expert_ids`` is the
+one global id; besides the expert roles, HF-style ``column``/``row`` pieces such as a separate
+``gate_proj`` may carry it) and grouped (3-D, experts stacked on axis 0, ``expert_ids`` is the contiguous
 run of global ids this rank holds, ``shard_axis`` is the within-expert axis).
 """
 
@@ -97,6 +98,11 @@ class ShardDescriptor(msgspec.Struct, frozen=True, kw_only=True):
         return self.role in EXPERT_ROLES and len(self.global_shape) == 3
 
     @property
+    def per_expert(self) -> bool:
+        """One expert's own tensor (a receiver pulls it only if it owns that expert)."""
+        return bool(self.expert_ids) and not self.grouped
+
+    @property
     def local_shape(self) -> tuple[int, ...]:
         """Shape of the shard tensor this descriptor describes."""
         shape = list(self.global_shape)
@@ -149,10 +155,8 @@ class ShardDescriptor(msgspec.Struct, frozen=True, kw_only=True):
                 raise _bad(n, "shard_range", f"[{lo}, {hi}) not inside [0, {extent})")
         if self.role == "qkv_column":
             self._validate_heads()
-        if self.role in EXPERT_ROLES:
+        if self.role in EXPERT_ROLES or self.expert_ids:
             self._validate_experts()
-        elif self.expert_ids:
-            raise _bad(n, "expert_ids", f"set on non-expert role {self.role!r}")
         want = math.prod(self.local_shape) * self.element_size
         if self.nbytes != want:
             raise _bad(n, "nbytes", f"{self.nbytes} != {want} for local shape {self.local_shape}")
@@ -173,6 +177,8 @@ class ShardDescriptor(msgspec.Struct, frozen=True, kw_only=True):
 
     def _validate_experts(self) -> None:
         n, ids, e = self.name, self.expert_ids, self.num_experts
+        if self.role in ("replicated", "qkv_column", "vocab_parallel"):
+            raise _bad(n, "expert_ids", f"set on non-expert role {self.role!r}")
         if not ids or e <= 0 or not all(0 <= i < e for i in ids):
             raise _bad(n, "expert_ids", f"{ids} must be non-empty ids in [0, num_experts={e})")
         if self.grouped:

@@ -467,7 +467,7 @@ def canonical_from_ranks(
 
         if d.grouped:
             out[name] = torch.cat([merged(e) for e in range(ep_size)])
-        elif d.role in EXPERT_ROLES:
+        elif d.per_expert:
             out[name] = merged(d.expert_ids[0] // (d.num_experts // ep_size))
         else:
             out[name] = merged(0)

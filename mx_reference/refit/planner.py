@@ -23,7 +23,7 @@ from typing import NamedTuple
 
 import torch
 
-from mx_reference.refit.descriptors import DTYPES, EXPERT_ROLES, ShardDescriptor, SourceManifest
+from mx_reference.refit.descriptors import DTYPES, ShardDescriptor, SourceManifest
 from mx_reference.refit.layouts import RefitModelConfig, expert_range, rank_segments
 
 
@@ -91,14 +91,17 @@ def _narrow(t: torch.Tensor, axis: int, rows: tuple[int, int], experts) -> torch
 def box_bytes(shape: Sequence[int], starts: Sequence[int], sizes: Sequence[int], itemsize: int):
     """``(offset, length)`` of a box in a row-major tensor, or ``None`` when the box is not one
     contiguous span (every dim after the outermost one longer than 1 must be whole)."""
-    outer = next((i for i, s in enumerate(sizes) if s > 1), len(sizes))
-    if any(sizes[j] != shape[j] for j in range(outer + 1, len(shape))):
-        return None
-    offset, stride = 0, 1
-    for j in reversed(range(len(shape))):
-        offset += starts[j] * stride
-        stride *= shape[j]
-    return offset * itemsize, math.prod(sizes) * itemsize
+    n, outer = len(shape), 0
+    while outer < n and sizes[outer] <= 1:
+        outer += 1
+    for j in range(outer + 1, n):
+        if sizes[j] != shape[j]:
+            return None
+    offset, length = 0, itemsize
+    for j in range(n):
+        offset = offset * shape[j] + starts[j]
+        length *= sizes[j]
+    return offset * itemsize, length
 
 
 def coalesce(pieces: Sequence[Piece]) -> list[Piece]:
@@ -308,10 +311,10 @@ def _plan_tensor(name, entries, target: TargetLayout) -> tuple[TensorPlan | None
         raw += [(k, a, b, c, d, None, None) for k, a, b, c, d in pieces]
     if reasons:
         return None, reasons
-    local_shapes = {rank: d.local_shape for rank, d in shards}
+    by_rank = dict(shards)
     item = spec.element_size
     plan_pieces = [
-        _with_bytes(p, local_shapes[p.src_rank], dst_shape, item)
+        _with_bytes(p, by_rank[p.src_rank].local_shape, dst_shape, item)
         for p in coalesce(
             [Piece(k, name, axis, (a, b), (c, d), se, de) for k, a, b, c, d, se, de in raw]
         )
@@ -387,8 +390,9 @@ def plan_refit(
     _check_manifests(manifests)
     by_name: dict[str, list[tuple[int, ShardDescriptor]]] = {}
     for m in manifests:
+        rank = m.rank
         for d in m.tensors:
-            by_name.setdefault(d.name, []).append((m.rank, d))
+            by_name.setdefault(d.name, []).append((rank, d))
     plan = RefitPlan(target)
     for name in expected if expected is not None else by_name:
         entries = by_name.get(name)
@@ -399,7 +403,7 @@ def plan_refit(
         if expected is not None and expected[name] != spec.dtype:
             plan.missing[name] = [f"field 'dtype': source {spec.dtype}, receiver {expected[name]}"]
             continue
-        if spec.role in EXPERT_ROLES and not spec.grouped:
+        if spec.per_expert:
             try:
                 lo, hi = expert_range(spec.num_experts, target.ep_size, target.ep_rank)
             except ValueError as e:

@@ -156,7 +156,7 @@ def test_static_buffers_sized_for_largest_batch_and_shared():
     small["attn_metadata"] = big["attn_metadata"]
     runner.capture(8, forward, big)
     runner.capture(2, forward, small)
-    x8, x2 = runner._entries[8].inputs["x"], runner._entries[2].inputs["x"]
+    x8, x2 = runner.captured_inputs(8)["x"], runner.captured_inputs(2)["x"]
     assert x8.shape == (8, 4) and x2.shape == (2, 4)
     assert x8.data_ptr() == x2.data_ptr()  # one buffer, sliced
     assert x8.data_ptr() != big["x"].data_ptr()
@@ -189,7 +189,7 @@ def test_replay_skips_copy_when_input_already_at_static_address():
     runner = make_runner()
     inputs = make_inputs(4)
     runner.capture("g", forward, inputs)
-    static = runner._entries["g"].inputs["x"]
+    static = runner.captured_inputs("g")["x"]
     counts = []
     for x in (static, static.view(4, 4), torch.ones(4, 4)):
         with CopyCounter(static.data_ptr()) as counter:
@@ -220,7 +220,7 @@ def test_metadata_identity_checked_and_failed_replay_leaves_buffers_untouched():
     runner = make_runner()
     inputs = make_inputs(4)
     runner.capture("g", forward, inputs)
-    static = runner._entries["g"].inputs["x"]
+    static = runner.captured_inputs("g")["x"]
     before = static.clone()
     clone_meta = AttnMeta(**vars(inputs["attn_metadata"]))
     with pytest.raises(ValueError, match="inputs\\['attn_metadata'\\] is not the metadata object"):
@@ -306,7 +306,7 @@ def test_config_and_key_errors():
 def test_backend_routes_to_simulated_graph_on_cpu():
     runner = make_runner()
     runner.capture("g", forward, make_inputs(4))
-    assert isinstance(runner._entries["g"].graph, SimulatedGraph)
+    assert isinstance(runner.graph("g"), SimulatedGraph)
     assert GraphRunner().backend == CudaBackend()
 
 
@@ -365,7 +365,7 @@ def test_cuda_graph_capture_replay_and_validation():
     out = runner.replay(4, new)
     torch.cuda.synchronize()
     assert torch.equal(out, forward(new))
-    assert type(runner._entries[4].graph).__name__ == "_CudaGraph"
+    assert type(runner.graph(4)).__name__ == "_CudaGraph"
     meta.seq_lens = meta.seq_lens.clone()
     with pytest.raises(InputAddressError, match="kwargs.attn_metadata.seq_lens"):
         runner.replay(8, inputs)

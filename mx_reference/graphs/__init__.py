@@ -13,10 +13,10 @@ from mx_reference.graphs.ledger import (
     check_ledger,
     diff_ledgers,
     extract_tensor_addresses,
-    iter_input_tensors,
-    iter_module_tensors,
+    input_tensors,
     ledger_of,
     module_address_ledger,
+    module_tensors,
 )
 from mx_reference.graphs.liveness import DeadInput, DeadInputError, LivenessTracker
 from mx_reference.graphs.runner import GraphRunner, RunnerConfig
@@ -38,8 +38,8 @@ __all__ = [
     "check_ledger",
     "diff_ledgers",
     "extract_tensor_addresses",
-    "iter_input_tensors",
-    "iter_module_tensors",
+    "input_tensors",
+    "module_tensors",
     "ledger_of",
     "module_address_ledger",
 ]

@@ -58,85 +58,103 @@ class TensorAddress(NamedTuple):
 Ledger = dict[str, TensorAddress]
 
 
-def _join(path: str, segment: str) -> str:
-    return f"{path}.{segment}" if path else segment
+# How instances of a class are traversed (decided once per class, see _layout).
+_LEAF, _MAPPING, _NAMEDTUPLE, _SEQUENCE, _MODULE, _OBJECT = range(6)
+_Layout = tuple[int, tuple[tuple[str, Any], ...], frozenset[str]]
+TensorPaths = list[tuple[str, torch.Tensor]]
 
 
-def _slot_names(cls: type) -> Iterator[tuple[str, Any]]:
-    """(name, member descriptor) for every slot of ``cls``, base classes first."""
+_LAYOUTS: dict[type, _Layout] = {}
+
+
+def _layout(cls: type) -> _Layout:
+    """(kind, public slot descriptors base classes first, property names) for ``cls``."""
+    if issubclass(cls, _LEAVES + _NO_CHILDREN):
+        return _LEAF, (), frozenset()
+    for kind, test in (
+        (_MAPPING, lambda: issubclass(cls, Mapping)),
+        (_NAMEDTUPLE, lambda: issubclass(cls, tuple) and hasattr(cls, "_fields")),
+        (_SEQUENCE, lambda: issubclass(cls, (list, tuple))),
+        (_MODULE, lambda: issubclass(cls, torch.nn.Module)),
+    ):
+        if test():
+            return kind, (), frozenset()
+    slots = []
     for klass in reversed(cls.__mro__):
-        slots = klass.__dict__.get("__slots__", ())
-        for name in (slots,) if isinstance(slots, str) else slots:
+        names = klass.__dict__.get("__slots__", ())
+        for name in (names,) if isinstance(names, str) else names:
             descriptor = klass.__dict__.get(name)
-            if isinstance(descriptor, types.MemberDescriptorType):
-                yield name, descriptor
+            if not name.startswith("_") and isinstance(descriptor, types.MemberDescriptorType):
+                slots.append((name, descriptor))
+    properties = frozenset(
+        name for klass in cls.__mro__ for name, v in vars(klass).items() if isinstance(v, property)
+    )
+    return _OBJECT, tuple(slots), properties
 
 
-def _children(obj: object) -> Iterator[tuple[str, object]]:
+def _children(obj: Any, layout: _Layout) -> Iterator[tuple[str, object]]:
     """(path segment, value) pairs of ``obj`` in deterministic order; reads no property."""
-    if isinstance(obj, Mapping):
+    kind, slots, properties = layout
+    if kind == _MAPPING:
         for key, value in obj.items():
             yield (key if isinstance(key, str) else f"[{key!r}]"), value
-    elif isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
+    elif kind == _NAMEDTUPLE:
         yield from zip(obj._fields, obj, strict=True)
-    elif isinstance(obj, (list, tuple)):
+    elif kind == _SEQUENCE:
         for i, value in enumerate(obj):
             yield str(i), value
-    elif isinstance(obj, torch.nn.Module):
+    elif kind == _MODULE:
         yield from obj._parameters.items()
         yield from obj._buffers.items()
         yield from obj._modules.items()
     else:
-        cls = type(obj)
-        for name, descriptor in _slot_names(cls):
-            if name.startswith("_"):
-                continue
+        for name, descriptor in slots:
             try:
-                yield name, descriptor.__get__(obj, cls)
+                yield name, descriptor.__get__(obj, type(obj))
             except AttributeError:  # an unset slot
                 continue
         for name, value in getattr(obj, "__dict__", {}).items():
-            if not name.startswith("_") and not isinstance(getattr(cls, name, None), property):
+            if not name.startswith("_") and name not in properties:
                 yield name, value
 
 
 def _walk(
-    obj: object,
-    path: str,
-    keep: Callable[[object], bool],
-    ancestors: set[int],
-) -> Iterator[tuple[str, torch.Tensor]]:
+    obj: Any, path: str, keep: Callable[[object], bool], ancestors: set[int], out: TensorPaths
+) -> None:
     if isinstance(obj, torch.Tensor):
         if keep(obj):
-            yield path, obj
+            out.append((path, obj))
         return
-    if isinstance(obj, _LEAVES) or isinstance(obj, _NO_CHILDREN) or id(obj) in ancestors:
+    cls = type(obj)
+    layout = _LAYOUTS.get(cls) or _LAYOUTS.setdefault(cls, _layout(cls))
+    if layout[0] == _LEAF or id(obj) in ancestors:
         return
     ancestors.add(id(obj))
-    try:
-        for name, child in _children(obj):
-            yield from _walk(child, _join(path, name), keep, ancestors)
-    finally:
-        ancestors.discard(id(obj))
+    prefix = f"{path}." if path else ""
+    for segment, child in _children(obj, layout):
+        _walk(child, prefix + segment, keep, ancestors, out)
+    ancestors.discard(id(obj))
 
 
-def iter_input_tensors(
+def input_tensors(
     args: tuple = (),
     kwargs: Mapping[str, Any] | None = None,
     metadata: object = None,
     *,
     backend: AcceleratorBackend | None = None,
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(path, tensor)`` for every backend tensor under ``args``, ``kwargs``, ``metadata``.
+) -> TensorPaths:
+    """``(path, tensor)`` for every backend tensor under ``args``, ``kwargs`` and ``metadata``.
 
     Roots are named ``args``, ``kwargs`` and ``metadata``; ``metadata=None`` is left out.
     ``backend=None`` means CUDA, so CPU tensors are ignored unless a CPU backend is passed.
     """
     keep = resolve_backend(backend).is_accel_tensor
-    yield from _walk(tuple(args), "args", keep, set())
-    yield from _walk(dict(kwargs or {}), "kwargs", keep, set())
+    out: TensorPaths = []
+    _walk(tuple(args), "args", keep, set(), out)
+    _walk(dict(kwargs or {}), "kwargs", keep, set(), out)
     if metadata is not None:
-        yield from _walk(metadata, "metadata", keep, set())
+        _walk(metadata, "metadata", keep, set(), out)
+    return out
 
 
 def ledger_of(pairs: Iterable[tuple[str, torch.Tensor]]) -> Ledger:
@@ -164,14 +182,16 @@ def extract_tensor_addresses(
     Order is traversal order, so two calls over equal structures give equal, equally ordered
     ledgers. Raises ``ValueError`` if two tensors would share a path.
     """
-    return ledger_of(iter_input_tensors(args, kwargs, metadata, backend=backend))
+    return ledger_of(input_tensors(args, kwargs, metadata, backend=backend))
 
 
-def iter_module_tensors(
+def module_tensors(
     module: torch.nn.Module, *, backend: AcceleratorBackend | None = None, prefix: str = ""
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(name, tensor)`` for a model's parameters and buffers, tied ones under each name."""
-    return _walk(module, prefix, resolve_backend(backend).is_accel_tensor, set())
+) -> TensorPaths:
+    """``(name, tensor)`` for a model's parameters and buffers, tied ones under each name."""
+    out: TensorPaths = []
+    _walk(module, prefix, resolve_backend(backend).is_accel_tensor, set(), out)
+    return out
 
 
 def module_address_ledger(
@@ -182,7 +202,7 @@ def module_address_ledger(
     Tied weights appear under every name. After an in-place refit (``param.data.copy_``) the
     diff against the ledger taken before it is empty; a refit that rebinds ``.data`` is not.
     """
-    return ledger_of(iter_module_tensors(module, backend=backend, prefix=prefix))
+    return ledger_of(module_tensors(module, backend=backend, prefix=prefix))
 
 
 @dataclass(frozen=True)

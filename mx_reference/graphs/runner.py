@@ -20,9 +20,9 @@ from mx_reference.backends import AcceleratorBackend, resolve_backend
 from mx_reference.graphs.ledger import (
     Ledger,
     check_ledger,
-    iter_input_tensors,
-    iter_module_tensors,
+    input_tensors,
     ledger_of,
+    module_tensors,
 )
 from mx_reference.graphs.liveness import LivenessTracker
 from mx_reference.graphs.simulated import SimulatedGraph
@@ -139,9 +139,9 @@ class GraphRunner:
         return _CpuGraph()
 
     def _tensors(self, inputs: Inputs) -> Iterator[tuple[str, torch.Tensor]]:
-        yield from iter_input_tensors((), inputs, backend=self.backend)
+        yield from input_tensors((), inputs, backend=self.backend)
         if self.module is not None:
-            yield from iter_module_tensors(self.module, backend=self.backend, prefix="module")
+            yield from module_tensors(self.module, backend=self.backend, prefix="module")
 
     def ledger(self, inputs: Inputs) -> Ledger:
         """The ledger validation compares: every input tensor, plus the module's tensors."""
@@ -223,6 +223,15 @@ class GraphRunner:
         if key not in self._entries:
             raise KeyError(f"no graph captured under {key!r}; captured: {self.keys}")
         return self._entries[key]
+
+    def graph(self, key: Hashable) -> Graph:
+        """The graph captured under ``key``."""
+        return self._entry(key).graph
+
+    def captured_inputs(self, key: Hashable) -> Inputs:
+        """The dict ``forward_fn`` saw at capture; static inputs are slices of shared buffers
+        that callers may fill directly (replay then skips the copy)."""
+        return self._entry(key).inputs
 
     def _replay_inputs(self, key: Hashable, entry: _Entry, inputs: Inputs) -> Inputs:
         """Check ``inputs`` against the capture; the dict the graph reads. Mutates nothing."""

@@ -25,7 +25,17 @@ from typing import Any
 import torch.distributed as dist
 from torch._C._distributed_c10d import ProcessGroupGloo
 
-PRELOAD = ("torch", "transformers", "mx_sim.models", "mx_sim.refit_sim")
+# What every rank needs, imported once in the forkserver (transformers' model modules are lazy
+# and cost seconds on first use).
+PRELOAD = (
+    "torch",
+    "transformers",
+    "transformers.models.llama.modeling_llama",
+    "transformers.models.qwen2.modeling_qwen2",
+    "transformers.models.mixtral.modeling_mixtral",
+    "transformers.models.gpt2.modeling_gpt2",
+    "mx_sim.refit_sim",
+)
 POLL_S = 0.02
 
 
@@ -169,10 +179,11 @@ def launch(
             )
     finally:
         for p in procs:
-            if p.is_alive():
+            if p.pid is not None and p.is_alive():
                 p.kill()
         for p in procs:
-            p.join(5)
+            if p.pid is not None:
+                p.join(5)
         results.close()
     return [outcomes[r] for r in range(world_size)]
 

@@ -1,0 +1,227 @@
+"""Trainer side of refit: publish this rank's shards of each weight version.
+
+A publisher copies its shards into one flat *arena* per live version, registers each arena once
+with the transport (a registration is a kernel call: ``ibv_reg_mr`` cost ~150 ms per cycle in the
+seed before caching), and publishes a :class:`SourceManifest` per version. Arenas are reused
+across versions whose layout is unchanged, so steady-state publishing registers nothing. A
+version's arena stays untouched until that version is retired: receivers may still be reading it.
+
+Receivers need more than the transport's opaque metadata to address shards: a manifest's
+``agent_metadata`` carries an :class:`Endpoint` envelope (transport metadata, the arena's base
+address, and a source id unique to this publisher incarnation), and each descriptor's ``offset``
+is relative to that base.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import msgspec
+import torch
+
+from mx_reference.backends import AcceleratorBackend, resolve_backend
+from mx_reference.refit.descriptors import (
+    DTYPES,
+    ShardDescriptor,
+    SourceManifest,
+    layout_signature,
+    make_manifest,
+)
+from mx_reference.transport.base import Registration, Transport
+
+ALIGNMENT = 64  # bytes between shards in an arena; keeps every shard's start aligned
+
+
+class Endpoint(msgspec.Struct, frozen=True, kw_only=True):
+    """How to reach one publisher: ``SourceManifest.agent_metadata`` holds this, encoded."""
+
+    transport_metadata: bytes
+    base_addr: int
+    device_id: int = 0
+    source_id: str  # unique per publisher incarnation: a restarted replica never shadows a dead one
+
+
+def encode_endpoint(e: Endpoint) -> bytes:
+    return msgspec.msgpack.encode(e)
+
+
+def decode_endpoint(data: bytes) -> Endpoint:
+    """Parse a manifest's ``agent_metadata``; ``ValueError`` on anything else."""
+    try:
+        return msgspec.msgpack.decode(data, type=Endpoint)
+    except msgspec.DecodeError as exc:
+        raise ValueError(f"manifest agent_metadata is not a refit Endpoint: {exc}") from None
+
+
+def shard_digest(t: torch.Tensor) -> str:
+    """Hex SHA-256 of a shard's bytes, the convention of ``ShardDescriptor.digest``."""
+    data = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8)
+    return hashlib.sha256(data.numpy().tobytes()).hexdigest()
+
+
+class ManifestSink(Protocol):
+    """The part of the version registry a publisher uses."""
+
+    def publish(self, manifest: SourceManifest) -> Any: ...
+
+
+@dataclass
+class PublisherConfig:
+    model_id: str
+    role: str = "trainer"  # or "replica"
+    max_live_versions: int = 2  # arenas: one being read while the next is written
+
+
+@dataclass(eq=False)
+class _Arena:
+    buffer: torch.Tensor  # (nbytes,) uint8, registered
+    registration: Registration
+    layout: str
+    offsets: dict[str, int]
+    version: int | None = None
+
+
+@dataclass
+class PublisherStats:
+    registrations: int = 0
+    bytes_registered: int = 0
+    versions_published: int = 0
+
+
+def arena_offsets(descs: Sequence[ShardDescriptor]) -> tuple[dict[str, int], int]:
+    """Aligned byte offset of each shard in an arena, and the arena size."""
+    offsets, end = {}, 0
+    for d in descs:
+        offsets[d.name] = end
+        end += -(-d.nbytes // ALIGNMENT) * ALIGNMENT
+    return offsets, end
+
+
+class RefitPublisher:
+    """Publishes one trainer (or replica) rank's shards, version after version.
+
+    ``tp``, ``pp`` and ``ep`` are ``(rank, size)`` within the publisher's parallel groups,
+    never the global torch rank.
+    """
+
+    def __init__(
+        self,
+        transport: Transport,
+        registry: ManifestSink,
+        config: PublisherConfig,
+        *,
+        backend: AcceleratorBackend | None = None,
+        tp: tuple[int, int] = (0, 1),
+        pp: tuple[int, int] = (0, 1),
+        ep: tuple[int, int] = (0, 1),
+        source_id: str | None = None,
+    ):
+        if config.max_live_versions < 1:
+            raise ValueError("PublisherConfig.max_live_versions must be >= 1")
+        self.transport, self.registry, self.config = transport, registry, config
+        self.backend = resolve_backend(backend)
+        self.tp, self.pp, self.ep = tp, pp, ep
+        self.source_id = source_id or f"{config.role}-{uuid.uuid4().hex[:12]}"
+        self.stats = PublisherStats()
+        self._arenas: list[_Arena] = []
+
+    def live_versions(self) -> list[int]:
+        return sorted(a.version for a in self._arenas if a.version is not None)
+
+    def publish(
+        self, version: int, shards: Sequence[tuple[ShardDescriptor, torch.Tensor]]
+    ) -> SourceManifest:
+        """Copy ``shards`` into an arena, register it if new, and publish version ``version``."""
+        if not shards:
+            raise ValueError(f"publish v{version}: no shards")
+        if version in self.live_versions():
+            raise ValueError(f"publish v{version}: already published and not retired")
+        for d, t in shards:
+            self._check_shard(d, t)
+        descs = [d for d, _ in shards]
+        arena = self._arena_for(descs)
+        arena.version = version  # claimed before the copy: a failure below retires it again
+        try:
+            finished = []
+            for d, t in shards:
+                offset = arena.offsets[d.name]
+                dest = arena.buffer[offset : offset + d.nbytes]
+                dest.copy_(t.detach().contiguous().reshape(-1).view(torch.uint8))
+                finished.append(msgspec.structs.replace(d, offset=offset, digest=shard_digest(t)))
+            endpoint = Endpoint(
+                transport_metadata=self.transport.metadata(),
+                base_addr=arena.registration.regions[0].addr,
+                device_id=arena.registration.regions[0].device_id,
+                source_id=self.source_id,
+            )
+            manifest = make_manifest(
+                self.config.model_id,
+                version,
+                finished,
+                tp=self.tp,
+                pp=self.pp,
+                ep=self.ep,
+                role=self.config.role,
+                revision=hashlib.sha256("".join(d.digest for d in finished).encode()).hexdigest(),
+                agent_metadata=encode_endpoint(endpoint),
+            )
+            self.registry.publish(manifest)
+        except BaseException:
+            arena.version = None
+            raise
+        self.stats.versions_published += 1
+        return manifest
+
+    def retire(self, version: int) -> None:
+        """Free ``version``'s arena for reuse; receivers must be done reading it."""
+        for arena in self._arenas:
+            if arena.version == version:
+                arena.version = None
+                return
+        raise ValueError(f"retire v{version}: not a live version (live: {self.live_versions()})")
+
+    def close(self) -> None:
+        """Deregister every arena."""
+        for arena in self._arenas:
+            self.transport.deregister(arena.registration)
+        self._arenas.clear()
+
+    def _check_shard(self, d: ShardDescriptor, t: torch.Tensor) -> None:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{d.name}: shard must be a torch.Tensor, got {type(t).__name__}")
+        if tuple(t.shape) != d.local_shape:
+            raise ValueError(
+                f"{d.name}: shard shape {tuple(t.shape)} != descriptor {d.local_shape}"
+            )
+        if t.dtype != DTYPES[d.dtype]:
+            raise ValueError(f"{d.name}: shard dtype {t.dtype} != descriptor dtype {d.dtype}")
+        if not self.backend.is_accel_tensor(t):
+            raise ValueError(f"{d.name}: shard on {t.device} is not a {self.backend.name} tensor")
+
+    def _arena_for(self, descs: Sequence[ShardDescriptor]) -> _Arena:
+        layout = layout_signature(descs, tp=self.tp, pp=self.pp, ep=self.ep)
+        free = [a for a in self._arenas if a.version is None]
+        for arena in free:
+            if arena.layout == layout:
+                return arena
+        if len(self._arenas) >= self.config.max_live_versions:
+            if not free:
+                raise RuntimeError(
+                    f"publish: {len(self._arenas)} live versions {self.live_versions()} hold every "
+                    "arena; retire one first"
+                )
+            stale = free[0]  # the layout changed: replace a free arena
+            self.transport.deregister(stale.registration)
+            self._arenas.remove(stale)
+        offsets, nbytes = arena_offsets(descs)
+        buffer = torch.zeros(nbytes, dtype=torch.uint8, device=self.backend.torch_device())
+        registration = self.transport.register([buffer])
+        self.stats.registrations += 1
+        self.stats.bytes_registered += nbytes
+        arena = _Arena(buffer, registration, layout, offsets)
+        self._arenas.append(arena)
+        return arena

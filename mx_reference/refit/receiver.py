@@ -1,0 +1,473 @@
+"""Inference side of refit: one cycle takes a new weight version into a live model.
+
+A cycle (:meth:`RefitReceiver.refit`, or :meth:`stage` then :meth:`commit`):
+
+1. **discover** the newest committed version (trainers first, replicas first on request);
+2. **plan** this rank's slices (``PlanCache``: a warm cycle with an unchanged layout rebuilds
+   nothing);
+3. **alloc + register** destination and scratch arenas, cached by the plan's layout key, so a
+   warm cycle allocates and registers nothing;
+4. **pull**: one READ per source with every descriptor pair (coalesced); strided pieces
+   (row-parallel, axis 1) read the whole source shard into scratch;
+5. **translate**: copy scratch pieces into place, all-gather the replica's slices, merge them
+   into canonical Megatron tensors and translate those to HF names and layouts;
+6. **verify**: the names assembled are exactly the names published, and every source shard
+   re-cut from the assembled tensors has the digest its publisher announced;
+7. **apply** atomically and in place (:mod:`~mx_reference.refit.apply`), then the post-load
+   hook, exactly once.
+
+Why gather Megatron-layout slices rather than HF shards: the publishers' digests are over their
+Megatron shards, so only the source layout lets a replica verify every byte it received; and
+one code path serves 1 or N ranks (with one rank the gather is the identity).
+
+Every failure before apply leaves the model untouched; the replica votes after the pull, so one
+rank's failure becomes a clear error on every rank instead of a hang in the gather.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+
+from mx_reference.backends import AcceleratorBackend, resolve_backend
+from mx_reference.refit.apply import apply_in_place, check_staged, model_parameters
+from mx_reference.refit.descriptors import SourceManifest, name_digest
+from mx_reference.refit.gather import all_gather_shards, vote
+from mx_reference.refit.layouts import (
+    RefitModelConfig,
+    canonical_from_ranks,
+    hf_from_canonical,
+    megatron_name_map,
+    shard_from_canonical,
+)
+from mx_reference.refit.planner import PlanCache, RefitPlan, TargetLayout
+from mx_reference.refit.publisher import ALIGNMENT, decode_endpoint, shard_digest
+from mx_reference.refit.registry import VersionRegistry
+from mx_reference.transport.base import MemDesc, Registration, RemoteDesc, Transport, coalesce
+
+PHASES = ("discover", "plan", "alloc", "register", "pull", "translate", "verify", "apply", "total")
+
+
+class RefitError(RuntimeError):
+    """A cycle failed; the model still holds its previous version."""
+
+
+class StaleVersion(RefitError):
+    """The newest committed version is not newer than the one applied."""
+
+
+class SourceDirectory(Protocol):
+    """Where a receiver finds source sets of a version (``mx_reference.refit.replicas``)."""
+
+    def sources(self, version: int, *, prefer_replicas: bool) -> list[list[SourceManifest]]: ...
+
+
+@dataclass
+class CycleTiming:
+    """One cycle, like the seed's table: seconds per phase plus what setup cost."""
+
+    version: int = 0
+    discover: float = 0.0
+    plan: float = 0.0
+    alloc: float = 0.0
+    register: float = 0.0
+    pull: float = 0.0
+    translate: float = 0.0
+    verify: float = 0.0
+    apply: float = 0.0
+    total: float = 0.0
+    registrations: int = 0
+    bytes_allocated: int = 0
+    bytes_pulled: int = 0
+    plan_cache_hit: bool = False
+    source_role: str = "trainer"
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class StagedVersion:
+    """A verified version ready to apply: HF tensors by parameter name."""
+
+    version: int
+    tensors: dict[str, torch.Tensor]
+    canonical: dict[str, torch.Tensor]
+    timing: CycleTiming
+
+
+@dataclass
+class ReceiverConfig:
+    model_id: str
+    timeout_s: float = 30.0
+    prefer_replicas: bool = False
+    expert_layout: str = "per_expert"
+
+
+@dataclass(eq=False)
+class Arena:
+    """One registered byte buffer holding many tensors at fixed offsets."""
+
+    buffer: torch.Tensor  # (nbytes,) uint8
+    registration: Registration
+    views: dict[Any, torch.Tensor] = field(default_factory=dict)
+
+
+class BufferCache:
+    """Registered arenas keyed by layout; a layout seen before costs nothing.
+
+    The cache owns no contents: every tensor handed out is
+    fully rewritten in the cycle that uses it (see ``RefitReceiver._pull``).
+    """
+
+    def __init__(self, transport: Transport, backend: AcceleratorBackend, max_entries: int = 4):
+        self.transport, self.backend, self.max_entries = transport, backend, max_entries
+        self._arenas: dict[tuple, Arena] = {}
+
+    def get(
+        self,
+        key: tuple,
+        layout: Sequence[tuple[Any, tuple[int, ...], torch.dtype]],
+        timing: CycleTiming,
+    ) -> Arena:
+        """The arena for ``layout``; allocation and registration land in ``timing``."""
+        arena = self._arenas.get(key)
+        if arena is not None:
+            return arena
+        t0 = time.perf_counter()
+        offsets, end = [], 0
+        for _, shape, dtype in layout:
+            offsets.append(end)
+            end += -(-torch.Size(shape).numel() * dtype.itemsize // ALIGNMENT) * ALIGNMENT
+        device = self.backend.torch_device()
+        buffer = torch.zeros(end, dtype=torch.uint8, device=device)
+        t1 = time.perf_counter()
+        registration = self.transport.register([buffer])
+        timing.alloc += t1 - t0
+        timing.register += time.perf_counter() - t1
+        timing.registrations += 1
+        timing.bytes_allocated += end
+        arena = Arena(buffer, registration)
+        for (key_i, shape, dtype), at in zip(layout, offsets, strict=True):
+            nbytes = torch.Size(shape).numel() * dtype.itemsize
+            arena.views[key_i] = buffer[at : at + nbytes].view(dtype).view(shape)
+        if len(self._arenas) >= self.max_entries:
+            _, old = self._arenas.popitem()
+            self.transport.deregister(old.registration)
+        self._arenas[key] = arena
+        return arena
+
+    def close(self) -> None:
+        for arena in self._arenas.values():
+            self.transport.deregister(arena.registration)
+        self._arenas.clear()
+
+
+class RefitReceiver:
+    """Takes weight versions into ``model`` (a real HF model) in place.
+
+    ``target`` is this rank's own TP position (never derived from its global rank). ``group``
+    is the inference replica's process group (``None`` for one rank); its members all-gather
+    their slices, ordered by ``target.tp_rank``. ``owns(name)`` narrows which Megatron tensors
+    this rank pulls (an inference PP stage); by default all. ``post_load(model)`` runs once per
+    apply (FP8 re-quantization, fused-layout rebuilds) and must tolerate running every cycle.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        transport: Transport,
+        registry: VersionRegistry,
+        config: ReceiverConfig,
+        target: TargetLayout,
+        model_config: RefitModelConfig,
+        backend: AcceleratorBackend | None = None,
+        group: dist.ProcessGroup | None = None,
+        directory: SourceDirectory | None = None,
+        owns: Callable[[str], bool] | None = None,
+        post_load: Callable[[torch.nn.Module], None] | None = None,
+    ):
+        self.model, self.transport, self.registry = model, transport, registry
+        self.config, self.target, self.model_config = config, target, model_config
+        self.backend = resolve_backend(backend)
+        self.group, self.directory, self.post_load = group, directory, post_load
+        self.owns = owns or (lambda name: True)
+        self.params = model_parameters(model)
+        names = megatron_name_map(model_config, config.expert_layout)
+        dtype = {n: str(p.dtype).removeprefix("torch.") for n, p in self.params.items()}
+        # every Megatron tensor takes the dtype of the HF parameters it is made of
+        expected = {m: dtype[hf[0]] for m, hf in names.items() if hf[0] in dtype}
+        self.plans = PlanCache(expected=expected)
+        self.buffers = BufferCache(transport, self.backend)
+        self.applied_version = 0
+        self.history: list[CycleTiming] = []
+        self._remotes: dict[str, tuple[bytes, str]] = {}  # source id -> (metadata, agent)
+
+    # -- the cycle -------------------------------------------------------------------------
+
+    def latest_version(self) -> int | None:
+        found = self.registry.discover(self.config.model_id, self.applied_version + 1)
+        return found[0] if found else None
+
+    def refit(self, min_version: int | None = None) -> CycleTiming:
+        """Wait for a version ``>= min_version`` (default: newer than applied), stage, apply."""
+        wanted = self.applied_version + 1 if min_version is None else min_version
+        start = time.perf_counter()
+        version = self.registry.wait_for_version(
+            self.config.model_id, wanted, timeout=self.config.timeout_s
+        )
+        staged = self.stage(version, _discover_s=time.perf_counter() - start)
+        return self.commit(staged)
+
+    def stage(self, version: int, *, _discover_s: float = 0.0) -> StagedVersion:
+        """Everything but apply: the model is not touched, so this may overlap inference."""
+        if version <= self.applied_version:
+            raise StaleVersion(
+                f"version {version} is not newer than the applied version {self.applied_version}"
+            )
+        timing = CycleTiming(version=version, discover=_discover_s)
+        start = time.perf_counter() - _discover_s
+        ok, error, local = False, "", {}
+        failure: Exception | None = None
+        try:
+            t0 = time.perf_counter()
+            manifests = self._discover(version, timing)
+            timing.discover += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            plan = self._plan(manifests, timing)
+            timing.plan = time.perf_counter() - t0
+            dest, scratch = self._buffers(plan, manifests, timing)
+            t0 = time.perf_counter()
+            self._pull(plan, manifests, dest, scratch, timing)
+            timing.pull = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            local = self._assemble(plan, dest, scratch)
+            timing.translate = time.perf_counter() - t0
+            ok = True
+        except Exception as exc:  # reported to the replica through the vote, then re-raised
+            error = f"{type(exc).__name__}: {exc}"
+            failure = exc
+        if not vote(ok, self.group):
+            if not ok:
+                raise RefitError(f"v{version}: {error}") from failure
+            raise RefitError(f"v{version}: another rank of this replica failed; nothing applied")
+        t0 = time.perf_counter()
+        canonical = self._gather(plan, local)
+        tensors = self._translate(canonical)
+        timing.translate += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        self.verify(manifests, canonical, tensors)
+        timing.verify = time.perf_counter() - t0
+        timing.total = time.perf_counter() - start
+        return StagedVersion(version, tensors, canonical, timing)
+
+    def commit(self, staged: StagedVersion) -> CycleTiming:
+        """Apply a staged version in place (the engine must not be running a forward)."""
+        if staged.version <= self.applied_version:
+            raise StaleVersion(
+                f"staged v{staged.version} is not newer than applied v{self.applied_version}"
+            )
+        t0 = time.perf_counter()
+        self.apply(staged.tensors)
+        self.backend.synchronize()
+        if self.post_load is not None:
+            self.post_load(self.model)
+        self.applied_version = staged.version
+        staged.timing.apply = time.perf_counter() - t0
+        staged.timing.total += staged.timing.apply
+        self.history.append(staged.timing)
+        return staged.timing
+
+    # -- steps (small and overridable: conformance mutants replace them) ----------------------
+
+    def apply(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """All-or-nothing in-place copy; parameter storage never moves."""
+        apply_in_place(self.params, tensors)
+
+    def verify(
+        self,
+        manifests: Sequence[SourceManifest],
+        canonical: Mapping[str, torch.Tensor],
+        tensors: Mapping[str, torch.Tensor],
+    ) -> None:
+        """Names assembled == names published, and every published shard digest matches."""
+        published = sorted({d.name for m in manifests for d in m.tensors})
+        if name_digest(sorted(canonical)) != name_digest(published):
+            extra = sorted(set(canonical) ^ set(published))
+            raise RefitError(f"name sequence digest mismatch: {extra[:5]} differ")
+        for m in manifests:
+            for d in m.tensors:
+                if not d.digest:
+                    continue
+                full = canonical[d.name]
+                if d.grouped:
+                    full = full[d.expert_ids[0] : d.expert_ids[-1] + 1]
+                shard = shard_from_canonical(
+                    d,
+                    full,
+                    m.tp_size,
+                    m.tp_rank,
+                    vocab_divisible_by=self.target.vocab_divisible_by,
+                )
+                if shard_digest(shard) != d.digest:
+                    raise RefitError(
+                        f"{d.name}: content digest mismatch against source rank {m.rank} "
+                        f"(v{m.version}): corrupted or stale bytes"
+                    )
+        check_staged(self.params, tensors)
+
+    def _discover(self, version: int, timing: CycleTiming) -> list[SourceManifest]:
+        if self.directory is not None:
+            sets = self.directory.sources(version, prefer_replicas=self.config.prefer_replicas)
+            if not sets:
+                raise RefitError(f"v{version}: no source set found")
+            manifests = sets[0]
+        else:
+            manifests = self.registry.manifests(self.config.model_id, version)
+        timing.source_role = manifests[0].role
+        return manifests
+
+    def _plan(self, manifests: Sequence[SourceManifest], timing: CycleTiming) -> RefitPlan:
+        hits = self.plans.hits
+        plan = self.plans.get(manifests, self.target, self.model_config).require_complete()
+        timing.plan_cache_hit = self.plans.hits > hits
+        return plan
+
+    def _buffers(self, plan: RefitPlan, manifests: Sequence[SourceManifest], timing: CycleTiming):
+        """Destination arena (this rank's tensors) and scratch arena (whole source shards that
+        strided pieces are cut from), both cached by layout."""
+        owned = [t for name, t in plan.tensors.items() if self.owns(name)]
+        dest_layout = [(t.name, t.dst_shape, t.dtype) for t in owned]
+        by_rank = {m.rank: {d.name: d for d in m.tensors} for m in manifests}
+        scratch_layout = sorted(
+            {
+                ((p.src_rank, t.name), by_rank[p.src_rank][t.name].local_shape, t.dtype)
+                for t in owned
+                for p in t.pieces
+                if not p.direct
+            },
+            key=lambda e: e[0],
+        )
+        arenas = []
+        for kind, layout in (("dest", dest_layout), ("scratch", scratch_layout)):
+            arenas.append(
+                self.buffers.get((kind, tuple(layout)), layout, timing) if layout else None
+            )
+        return arenas[0], arenas[1]
+
+    def _pull(
+        self,
+        plan: RefitPlan,
+        manifests: Sequence[SourceManifest],
+        dest: Arena | None,
+        scratch: Arena | None,
+        timing: CycleTiming,
+    ) -> None:
+        """One READ per source: direct pieces land in their destination views, strided ones
+        read their whole source shard into scratch once."""
+        by_rank = {m.rank: m for m in manifests}
+        pairs: dict[int, list[tuple[MemDesc, RemoteDesc]]] = {}
+        whole: set[tuple[int, str]] = set()
+        for name, t in plan.tensors.items():
+            if not self.owns(name):
+                continue
+            assert dest is not None
+            dview = dest.views[name]
+            for p in t.pieces:
+                m = by_rank[p.src_rank]
+                d = next(x for x in m.tensors if x.name == name)
+                if p.direct:
+                    assert p.src_bytes is not None and p.dst_bytes is not None
+                    src_off, length = p.src_bytes
+                    local = MemDesc(dview.data_ptr() + p.dst_bytes[0], length)
+                    pairs.setdefault(p.src_rank, []).append(
+                        (local, self._remote(m, d.offset + src_off, length))
+                    )
+                elif (p.src_rank, name) not in whole:
+                    assert scratch is not None
+                    whole.add((p.src_rank, name))
+                    sview = scratch.views[(p.src_rank, name)]
+                    local = MemDesc(sview.data_ptr(), d.nbytes)
+                    pairs.setdefault(p.src_rank, []).append(
+                        (local, self._remote(m, d.offset, d.nbytes))
+                    )
+        handles = []
+        try:
+            for rank, rank_pairs in sorted(pairs.items()):
+                agent = self._agent(by_rank[rank])
+                fixed = [(lo, RemoteDesc(agent, r.addr, r.length)) for lo, r in rank_pairs]
+                handles.append(self.transport.make_read(coalesce(fixed)))
+            for h in handles:
+                self.transport.post(h)
+            for h in handles:
+                self.transport.wait(h, self.config.timeout_s)
+                timing.bytes_pulled += h.nbytes
+        finally:
+            for h in handles:
+                self.transport.release(h, cancel=True)
+
+    def _remote(self, m: SourceManifest, offset: int, length: int) -> RemoteDesc:
+        endpoint = decode_endpoint(m.agent_metadata)
+        return RemoteDesc("", endpoint.base_addr + offset, length, endpoint.device_id)
+
+    def _agent(self, m: SourceManifest) -> str:
+        """The transport agent of a source, loading (or refreshing) its metadata if new."""
+        endpoint = decode_endpoint(m.agent_metadata)
+        known = self._remotes.get(endpoint.source_id)
+        if known is None or known[0] != endpoint.transport_metadata:
+            agent = self.transport.add_remote(endpoint.transport_metadata)
+            self._remotes[endpoint.source_id] = (endpoint.transport_metadata, agent)
+        return self._remotes[endpoint.source_id][1]
+
+    def _assemble(
+        self, plan: RefitPlan, dest: Arena | None, scratch: Arena | None
+    ) -> dict[str, torch.Tensor]:
+        """Copy strided pieces out of scratch; return this rank's destination tensors."""
+        out = {}
+        for name, t in plan.tensors.items():
+            if not self.owns(name):
+                continue
+            assert dest is not None
+            dview = dest.views[name]
+            for p in t.pieces:
+                if not p.direct:
+                    assert scratch is not None
+                    p.dst_view(dview).copy_(p.src_view(scratch.views[(p.src_rank, name)]))
+            out[name] = dview
+        return out
+
+    def _gather(
+        self, plan: RefitPlan, local: Mapping[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Every replica rank's slices -> canonical Megatron tensors."""
+        by_tp: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+        for tp_rank, tensors in all_gather_shards(self.target.tp_rank, local, self.group):
+            by_tp.setdefault((tp_rank, 0), {}).update(tensors)
+        specs = {name: t.spec for name, t in plan.tensors.items()}
+        return canonical_from_ranks(
+            by_tp,
+            specs,
+            tp_size=self.target.tp_size,
+            vocab_divisible_by=self.target.vocab_divisible_by,
+        )
+
+    def _translate(self, canonical: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Canonical Megatron -> HF tensors for this model's parameters, on its device."""
+        hf = hf_from_canonical(canonical, self.model_config, self.config.expert_layout)
+        aliases = {n for n, _ in self.model.named_parameters(remove_duplicate=False)}
+        out = {}
+        for name, t in hf.items():
+            if name in self.params:
+                out[name] = t.to(self.params[name].device)
+            elif name not in aliases:
+                raise RefitError(f"{name}: translated tensor has no parameter in the model")
+        return out
+
+    def close(self) -> None:
+        self.buffers.close()

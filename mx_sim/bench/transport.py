@@ -1,0 +1,167 @@
+"""Benchmark 1: cross-process pull over real NIXL, as a fraction of ``torch`` ``copy_`` bandwidth.
+
+A spawned source process registers 256 MB laid out as about 300 tensors in one flat buffer (the
+way a bucketed trainer publishes a Qwen3-4B-sized set of about 290 buffers); the reader pulls
+all of it into an identically laid out buffer three ways:
+
+* ``one_desc``: one 256 MB descriptor (the ceiling);
+* ``prepped_300``: 300 descriptors through prepared lists (``make_prepped_read``);
+* ``coalesced_300``: the same 300 pairs through ``Transport.pull``, which coalesces ranges
+  adjacent on both sides (here back into one descriptor).
+
+Each is divided by the bandwidth of ``dst.copy_(src)`` of the same size in one process,
+measured in the same run. Goal: coalesced ≥ 0.8× ``copy_``.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from mx_reference.transport import MemDesc, Transport, desc_of
+from mx_sim.backends import CpuMockBackend
+from mx_sim.report import BenchResult
+
+GOAL_RATIO = 0.8
+TENSORS = 300
+WAIT_S = 60.0
+
+
+def _store(path: str) -> dist.FileStore:
+    s = dist.FileStore(path, -1)
+    s.set_timeout(timedelta(seconds=WAIT_S))
+    return s
+
+
+def _split(nbytes: int, parts: int) -> list[tuple[int, int]]:
+    """(offset, length) of ``parts`` tensors of uneven sizes tiling ``nbytes``."""
+    weights = [1 + (i * 7919) % 13 for i in range(parts)]  # deterministic, uneven
+    cuts = [nbytes * sum(weights[:i]) // sum(weights) for i in range(parts + 1)]
+    return [(a, b - a) for a, b in zip(cuts, cuts[1:], strict=False)]
+
+
+def _transport(kind: str, name: str) -> Transport:
+    if kind == "sim":
+        from mx_sim.transport import SimTransport
+
+        return SimTransport(name)
+    from mx_reference.transport.nixl import NixlTransport
+
+    return NixlTransport(name, CpuMockBackend())
+
+
+def _source(kind: str, path: str, nbytes: int) -> None:
+    s = _store(path)
+    with _transport(kind, "bench-source") as t:
+        flat = torch.randint(0, 256, (nbytes,), dtype=torch.uint8)  # [nbytes]
+        t.register([flat])
+        s.set("md", t.metadata())
+        s.set("addr", str(flat.data_ptr()))
+        s.set("sum", str(int(flat.sum(dtype=torch.int64))))
+        s.wait(["done"])
+
+
+def _median_s(fn: Callable[[], object], reps: int) -> float:
+    fn()  # warm-up (first touch, connection set-up)
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _measure(kind: str, nbytes: int, reps: int, tmp: str) -> dict[str, float]:
+    """Seconds per pull of ``nbytes`` for each pull style, plus registration time."""
+    path = f"{tmp}/store-{kind}"
+    proc = mp.get_context("spawn").Process(target=_source, args=(kind, path, nbytes), daemon=True)
+    proc.start()
+    try:
+        s = _store(path)
+        with _transport(kind, "bench-reader") as t:
+            dst = torch.zeros(nbytes, dtype=torch.uint8)  # [nbytes]
+            start = time.perf_counter()
+            t.register([dst])
+            register_s = time.perf_counter() - start
+            peer = t.add_remote(s.get("md"))
+            remote = MemDesc(int(s.get("addr")), nbytes)
+            parts = _split(nbytes, TENSORS)
+            pairs = [(desc_of(dst).slice(o, n), remote.slice(o, n).on(peer)) for o, n in parts]
+            one = t.make_read([(dst, remote.on(peer))])
+            local = t.prep_local([lo for lo, _ in pairs])
+            far = t.prep_remote(peer, [re.mem for _, re in pairs])
+            prepped = t.make_prepped_read(local, range(TENSORS), far, range(TENSORS))
+
+            def run(h):
+                t.post(h)
+                t.wait(h, WAIT_S)
+
+            out = {
+                "one_desc_s": _median_s(lambda: run(one), reps),
+                "prepped_300_s": _median_s(lambda: run(prepped), reps),
+                "coalesced_300_s": _median_s(lambda: t.pull(pairs, WAIT_S), reps),
+                "register_s": register_s,
+            }
+            if int(dst.sum(dtype=torch.int64)) != int(s.get("sum")):
+                raise RuntimeError(f"{kind}: pulled bytes differ from the source")
+            s.set("done", b"1")
+        proc.join(WAIT_S)
+        if proc.exitcode != 0:
+            raise RuntimeError(f"bench source process exited with {proc.exitcode}")
+        return out
+    finally:
+        if proc.is_alive():
+            proc.kill()
+        proc.join(5)
+
+
+def _copy_s(nbytes: int, reps: int) -> float:
+    src = torch.randint(0, 256, (nbytes,), dtype=torch.uint8)  # [nbytes]
+    dst = torch.zeros(nbytes, dtype=torch.uint8)
+    return _median_s(lambda: dst.copy_(src), reps)
+
+
+def run(out_dir: pathlib.Path, quick: bool) -> list[BenchResult]:
+    """NIXL pull ÷ ``copy_`` (the goal) and the simulator's pull ÷ ``copy_`` (for reference).
+
+    ``quick`` moves 16 MB over NIXL only (the simulator when nixl is missing).
+    """
+    from mx_reference.transport.nixl import nixl_available
+
+    nbytes, reps = (16 << 20, 3) if quick else (256 << 20, 7)
+    copy_gbps = nbytes / _copy_s(nbytes, reps) / 1e9
+    results = []
+    kinds = ["nixl"] if nixl_available() else []
+    if not quick or not kinds:
+        kinds.append("sim")
+    with tempfile.TemporaryDirectory(prefix="mx-bench-transport-") as tmp:
+        for kind in kinds:
+            m = _measure(kind, nbytes, reps, tmp)
+            metrics = {"mbytes": nbytes / 2**20, "tensors": TENSORS, "copy_gbps": copy_gbps}
+            for style in ("one_desc", "prepped_300", "coalesced_300"):
+                gbps = nbytes / m[f"{style}_s"] / 1e9
+                metrics[f"{style}_gbps"] = gbps
+                metrics[f"{style}_ratio"] = gbps / copy_gbps
+            metrics["register_ms"] = m["register_s"] * 1e3
+            headline = metrics["coalesced_300_ratio"]
+            results.append(
+                BenchResult(
+                    name=f"transport_pull_{kind}",
+                    metrics=metrics,
+                    goals={"coalesced_300_ratio": f">= {GOAL_RATIO} x torch copy_ bandwidth"}
+                    if kind == "nixl"
+                    else {},
+                    met=headline >= GOAL_RATIO if kind == "nixl" else True,
+                    notes=f"{nbytes >> 20} MB over {TENSORS} tensors, cross-process, median "
+                    f"of {reps}; {'UCX cma' if kind == 'nixl' else 'shared memory + socket'}",
+                )
+            )
+    return results

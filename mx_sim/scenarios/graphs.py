@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import time
 from pathlib import Path
@@ -31,30 +30,36 @@ from mx_sim.report import ScenarioResult
 SEQ_LEN = 8
 
 
-def _setup(validation: str):
-    model = build_tiny_model("llama")
-    backend = CpuMockBackend()
-    config = RunnerConfig(
-        static_inputs={"input_ids": 1, "position_ids": 1}, max_batch=SEQ_LEN, validation=validation
-    )
-    runner = GraphRunner(config, backend=backend, module=model)
-    # A 4-D causal mask and explicit positions: HF's own mask code calls .item(), which a
-    # capture forbids (it raises GraphCaptureError, as CUDA would).
+def llama_prefill(model: torch.nn.Module, seq_len: int = SEQ_LEN):
+    """Graph-safe prefill inputs and forward for a tiny HF model: ``(inputs, forward)``.
+
+    A 4-D causal mask and explicit positions: HF's own mask code calls ``.item()``, which a
+    capture forbids (``GraphCaptureError``, as on CUDA).
+    """
     inputs = {
-        "input_ids": fixed_prompt(model.config.vocab_size, SEQ_LEN),
-        "position_ids": torch.arange(SEQ_LEN).unsqueeze(0),
-        "attention_mask": torch.ones(SEQ_LEN, SEQ_LEN, dtype=torch.bool).tril()[None, None],
+        "input_ids": fixed_prompt(model.config.vocab_size, seq_len),
+        "position_ids": torch.arange(seq_len).unsqueeze(0),
+        "attention_mask": torch.ones(seq_len, seq_len, dtype=torch.bool).tril()[None, None],
     }
 
-    def forward(i):  # (1, SEQ_LEN) token ids -> (1, SEQ_LEN, vocab) logits
-        return model(
-            input_ids=i["input_ids"],
-            position_ids=i["position_ids"],
-            attention_mask=i["attention_mask"],
-            use_cache=False,
-        ).logits
+    def forward(i):  # (1, seq_len) token ids -> (1, seq_len, vocab) logits
+        return model(**i, use_cache=False).logits
 
-    return model, runner, inputs, forward
+    return inputs, forward
+
+
+def prefill_runner(model: torch.nn.Module, validation: str, seq_len: int = SEQ_LEN) -> GraphRunner:
+    """A runner on the CPU mock whose static inputs are the prefill tokens and positions."""
+    config = RunnerConfig(
+        static_inputs={"input_ids": 1, "position_ids": 1}, max_batch=seq_len, validation=validation
+    )
+    return GraphRunner(config, backend=CpuMockBackend(), module=model)
+
+
+def _setup(validation: str):
+    model = build_tiny_model("llama")
+    inputs, forward = llama_prefill(model)
+    return model, prefill_runner(model, validation), inputs, forward
 
 
 def _eager(forward, inputs) -> torch.Tensor:
@@ -125,8 +130,7 @@ def rebinding_refit() -> ScenarioResult:
         moved = [p for p, _, _ in exc.diff.changed]
         detected = "detected" if moved == [f"module.{target}"] else f"wrong paths {moved}"
 
-    off_config = dataclasses.replace(runner.config, validation="off")
-    unvalidated = GraphRunner(off_config, backend=runner.backend, module=model)
+    unvalidated = prefill_runner(model, "off")
     unvalidated.capture("prefill", forward, inputs)
     weight.data = weight.detach() * 0.9
     gc.collect()

@@ -315,13 +315,9 @@ def test_module_ledger_lists_tied_weights_under_each_name():
 # ---- liveness ------------------------------------------------------------------------------
 
 
-def _tracker(pairs, **kw):
-    return LivenessTracker(pairs, **kw)
-
-
 def test_alive_inputs_pass_and_freed_input_is_dead():
     a, b = torch.ones(4), torch.ones(4)
-    tracker = _tracker([("a", a), ("b", b)])
+    tracker = LivenessTracker([("a", a), ("b", b)])
     tracker.check("g")
     ptr = b.untyped_storage().data_ptr()
     del b
@@ -334,7 +330,7 @@ def test_alive_inputs_pass_and_freed_input_is_dead():
 
 def test_set_and_resize_larger_are_dead():
     a, b, keep = torch.ones(4), torch.ones(4), torch.ones(4)
-    tracker = _tracker([("a", a), ("b", b), ("keep", keep)])
+    tracker = LivenessTracker([("a", a), ("b", b), ("keep", keep)])
     a.set_(torch.zeros(4))
     b.resize_(1 << 16)
     dead = {d.path: d.reason for d in tracker.dead()}
@@ -346,7 +342,7 @@ def test_set_and_resize_larger_are_dead():
 def test_view_lives_while_base_lives():
     base = torch.ones(8)
     view = base[2:4]
-    tracker = _tracker([("v", view)])
+    tracker = LivenessTracker([("v", view)])
     del view
     gc.collect()
     assert tracker.dead() == []
@@ -357,7 +353,7 @@ def test_view_lives_while_base_lives():
 
 def test_empty_and_pool_tensors_are_not_tracked():
     pooled = torch.ones(4)
-    tracker = _tracker(
+    tracker = LivenessTracker(
         [("empty", torch.empty(0)), ("pooled", pooled), ("mine", torch.ones(1))],
         pool_owns={pooled.untyped_storage().data_ptr()}.__contains__,
     )
@@ -365,7 +361,7 @@ def test_empty_and_pool_tensors_are_not_tracked():
 
 
 def test_dead_listing_is_capped_at_five():
-    tracker = _tracker([(f"t{i}", torch.ones(1)) for i in range(8)])  # all freed at once
+    tracker = LivenessTracker([(f"t{i}", torch.ones(1)) for i in range(8)])  # all freed at once
     gc.collect()
     with pytest.raises(DeadInputError) as err:
         tracker.check("g")

@@ -110,7 +110,7 @@ def capture_and_refit(cycles: int) -> list[ScenarioResult]:
             "graphs/inplace-refit",
             passed=not failures,
             detail="; ".join(failures)
-            or f"{cycles} in-place refits: empty ledger diff, replay == eager",
+            or f"{cycles} in-place refit(s): empty ledger diff, replay == eager",
             details={"params": len(before)},
         )
     )

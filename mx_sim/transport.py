@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import mmap
 import os
-import shutil
 import socket
 import struct
-import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -52,11 +51,14 @@ _SHM_DIR = "/dev/shm"
 class FaultPlan:
     """Faults this agent injects into the transfers it *serves* (reads other agents post).
 
-    Transfers are counted from 0 in the order this agent receives them. ``fail_on``: reply with
-    an error instead of copying. ``delay_on``/``delay_s``: wait before copying (a reader with a
-    shorter deadline times out; ``delay_on=None`` with ``delay_s`` delays every transfer). ``corrupt_on``/``corrupt_bytes``: copy, then flip that many
-    bytes (spread evenly) of the destination. ``die_on``/``die_after_bytes``: copy that many
-    bytes, then ``os._exit(1)`` the whole process.
+    Transfers are counted from 0 in the order this agent receives them.
+
+    * ``fail_on``: reply with an error instead of copying.
+    * ``delay_on``/``delay_s``: wait before copying (``delay_on=None`` delays every transfer);
+      a reader with a shorter deadline times out.
+    * ``corrupt_on``/``corrupt_bytes``: copy, then flip that many bytes (spread evenly) of the
+      destination. Silent, like a real bit flip: digests above the transport catch it.
+    * ``die_on``/``die_after_bytes``: copy that many bytes, then ``os._exit(1)`` the process.
     """
 
     fail_on: int | None = None
@@ -216,8 +218,8 @@ class SimTransport(Transport):
         self._served_regions: list[_Region] = []
         self._peers: dict[str, _Peer] = {}
         self._next_xfer = 0
-        self._dir = tempfile.mkdtemp(prefix="mxsim-")
-        self._sock_path = os.path.join(self._dir, "agent.sock")
+        # Linux abstract socket namespace: no file to leak when a process dies.
+        self._sock_path = f"\0mxsim-{os.getpid()}-{uuid.uuid4().hex}"
         self._server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._server.bind(self._sock_path)
         self._server.listen()
@@ -229,12 +231,13 @@ class SimTransport(Transport):
     # -- primitives: memory and metadata ----------------------------------------------------
 
     def _register(self, tensors: Sequence[torch.Tensor]) -> tuple[tuple[MemDesc, ...], Any]:
-        regions = []
-        for i, t in enumerate(tensors):
+        for i, t in enumerate(tensors):  # check all before moving any storage
             if t.device.type != "cpu":
                 raise ValueError(
                     f"register: tensor {i} is on {t.device}; SimTransport is DRAM only"
                 )
+        regions = []
+        for i, t in enumerate(tensors):
             storage = t.untyped_storage()
             try:
                 _, file, _ = storage._share_filename_cpu_()
@@ -338,7 +341,6 @@ class SimTransport(Transport):
         self._server.close()
         for conn in self._conns:
             conn.close()
-        shutil.rmtree(self._dir, ignore_errors=True)
 
     # -- helpers ---------------------------------------------------------------------------
 

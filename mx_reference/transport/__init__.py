@@ -1,23 +1,25 @@
-"""Transports refit pulls tensors through: one protocol (``base``), real NIXL (``nixl``).
+"""Transports refit pulls tensors through: descriptors, one protocol (``base``), NIXL (``nixl``).
 
 The simulated implementation with fault injection lives in ``mx_sim.transport``.
 """
 
 from mx_reference.transport.base import (
     HandleBusy,
-    LocalView,
-    MemDesc,
     PreppedList,
-    ReadPair,
     RegionNotFound,
     Registration,
-    RemoteDesc,
     RemoteGone,
     TransferFailed,
     TransferTimeout,
     Transport,
     TransportError,
     XferHandle,
+)
+from mx_reference.transport.descriptors import (
+    LocalView,
+    MemDesc,
+    ReadPair,
+    RemoteDesc,
     coalesce,
     desc_of,
 )

@@ -1,4 +1,4 @@
-"""The transport protocol refit pulls weights through: descriptors, handles, errors, the contract.
+"""The transport protocol refit pulls weights through: handles, errors and the contract.
 
 A transport is one *agent*: it registers local memory, publishes metadata (bytes) describing
 what it registered, loads peers' metadata, and posts one-sided READs of (local view, remote
@@ -37,6 +37,16 @@ from typing import Any
 
 import torch
 
+from mx_reference.transport.descriptors import (
+    LocalView,
+    MemDesc,
+    ReadPair,
+    RemoteDesc,
+    coalesce,
+    desc_of,
+    overlaps,
+)
+
 POLL_INTERVAL_S = 0.0005
 
 
@@ -62,103 +72,6 @@ class RegionNotFound(TransportError, ValueError):
 
 class HandleBusy(TransportError):
     """A handle was posted while active, or released while still in use."""
-
-
-@dataclass(frozen=True)
-class MemDesc:
-    """A byte range ``[addr, addr + length)`` in one agent's memory on device ``device_id``."""
-
-    addr: int
-    length: int
-    device_id: int = 0
-
-    @property
-    def end(self) -> int:
-        return self.addr + self.length
-
-    def contains(self, other: MemDesc) -> bool:
-        return (
-            self.device_id == other.device_id and self.addr <= other.addr and other.end <= self.end
-        )
-
-    def slice(self, offset: int, length: int) -> MemDesc:
-        """The sub-range ``[offset, offset + length)`` of this range."""
-        if offset < 0 or length < 0 or offset + length > self.length:
-            raise ValueError(
-                f"slice [{offset}, {offset + length}) is outside a range of {self.length} bytes"
-            )
-        return MemDesc(self.addr + offset, length, self.device_id)
-
-    def on(self, agent: str) -> RemoteDesc:
-        """This range as seen by a peer of ``agent``."""
-        return RemoteDesc(agent, self.addr, self.length, self.device_id)
-
-
-@dataclass(frozen=True)
-class RemoteDesc:
-    """A byte range inside memory that ``agent`` registered and published in its metadata."""
-
-    agent: str
-    addr: int
-    length: int
-    device_id: int = 0
-
-    @property
-    def end(self) -> int:
-        return self.addr + self.length
-
-    @property
-    def mem(self) -> MemDesc:
-        return MemDesc(self.addr, self.length, self.device_id)
-
-
-LocalView = torch.Tensor | MemDesc
-ReadPair = tuple[LocalView, RemoteDesc]
-
-
-def desc_of(t: torch.Tensor, name: str = "tensor") -> MemDesc:
-    """The bytes of contiguous tensor ``t`` (``name`` is used in the error message)."""
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor or MemDesc, got {type(t).__name__}")
-    if not t.is_contiguous():
-        raise ValueError(f"{name}: a transfer view must be contiguous (stride {t.stride()})")
-    return MemDesc(t.data_ptr(), t.numel() * t.element_size(), max(t.get_device(), 0))
-
-
-def coalesce(pairs: Sequence[tuple[MemDesc, RemoteDesc]]) -> list[tuple[MemDesc, RemoteDesc]]:
-    """Merge reads that are adjacent on both sides into one descriptor pair.
-
-    Pairs are ordered by (agent, device, remote address); a pair whose remote range starts where
-    the previous one ended, and whose local range does the same, extends it. The bytes that land
-    in local memory are the same as without coalescing as long as local ranges do not overlap
-    (which :meth:`Transport.make_read` enforces).
-    """
-    order = sorted(
-        pairs, key=lambda p: (p[1].agent, p[1].device_id, p[1].addr, p[0].device_id, p[0].addr)
-    )
-    merged: list[tuple[MemDesc, RemoteDesc]] = []
-    for local, remote in order:
-        if merged:
-            prev_local, prev_remote = merged[-1]
-            if (
-                prev_remote.agent == remote.agent
-                and prev_remote.device_id == remote.device_id
-                and prev_remote.end == remote.addr
-                and prev_local.device_id == local.device_id
-                and prev_local.end == local.addr
-            ):
-                merged[-1] = (
-                    MemDesc(prev_local.addr, prev_local.length + local.length, local.device_id),
-                    RemoteDesc(
-                        remote.agent,
-                        prev_remote.addr,
-                        prev_remote.length + remote.length,
-                        remote.device_id,
-                    ),
-                )
-                continue
-        merged.append((local, remote))
-    return merged
 
 
 @dataclass(eq=False)
@@ -197,7 +110,6 @@ class XferHandle:
     impl: Any = field(repr=False, default=None)
     prepped: tuple[PreppedList, ...] = ()
     state: str = "idle"  # idle | active | done | failed | released
-    posts: int = 0
 
     @property
     def nbytes(self) -> int:
@@ -286,7 +198,7 @@ class Transport(ABC):
             if d.length == 0:
                 raise ValueError(f"register: tensor {i} is empty")
             for j in range(i):
-                if _overlaps(d, wanted[j]):
+                if overlaps(d, wanted[j]):
                     raise ValueError(f"register: tensors {j} and {i} share memory")
             if (hit := self._region_overlapping(d)) is not None:
                 raise ValueError(
@@ -423,7 +335,6 @@ class Transport(ABC):
             raise HandleBusy("post: handle is still active (one post per handle at a time)")
         self.calls.append("post")
         h.state = "active"
-        h.posts += 1
         try:
             self._post(h)
         except TransportError:
@@ -432,9 +343,9 @@ class Transport(ABC):
 
     def state(self, h: XferHandle) -> str:
         """Poll once: "DONE" or "PROC"; raises on failure."""
-        if h.state in ("done", "failed"):
-            return "DONE" if h.state == "done" else self._check(h)
-        if h.state != "active":
+        if h.state == "done":
+            return "DONE"
+        if h.state not in ("active", "failed"):  # a failed handle raises its error again
             raise ValueError(f"state: handle is {h.state}, not posted")
         try:
             status = self._check(h)
@@ -575,7 +486,7 @@ class Transport(ABC):
 
     def _region_overlapping(self, d: MemDesc) -> MemDesc | None:
         for r, _ in self._regions:
-            if _overlaps(r, d):
+            if overlaps(r, d):
                 return r
         return None
 
@@ -616,12 +527,8 @@ class Transport(ABC):
             self._require_local(lo, f"{what}: pair {i}")
         ordered = sorted(range(len(local)), key=lambda i: (local[i].device_id, local[i].addr))
         for a, b in zip(ordered, ordered[1:], strict=False):
-            if _overlaps(local[a], local[b]):
+            if overlaps(local[a], local[b]):
                 raise ValueError(f"{what}: pairs {a} and {b} write overlapping local memory")
-
-
-def _overlaps(a: MemDesc, b: MemDesc) -> bool:
-    return a.device_id == b.device_id and a.addr < b.end and b.addr < a.end
 
 
 def _local_desc(view: LocalView, i: int) -> MemDesc:

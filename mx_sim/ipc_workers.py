@@ -141,3 +141,14 @@ def consumer_main(
     }
     results.put(("consumer", index, {"seen": seen, **stats}))
     queues.close()
+
+
+def echo_consumer(
+    queues: TensorQueues, inbox: Any, outbox: Any, config: SharedChannelConfig
+) -> None:
+    """Benchmark consumer: decode each message and reply with how many tensors it held."""
+    setup_sharing(config)
+    decoder = Decoder(source=SharedTensorReceiver(queues, 0, config))
+    while (frames := inbox.get()) is not None:
+        outbox.put(len(decoder.decode(frames)))
+    queues.close()

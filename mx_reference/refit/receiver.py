@@ -219,9 +219,18 @@ class RefitReceiver:
         """Wait for a version ``>= min_version`` (default: newer than applied), stage, apply."""
         wanted = self.applied_version + 1 if min_version is None else min_version
         start = time.perf_counter()
-        version = self.registry.wait_for_version(
-            self.config.model_id, wanted, timeout=self.config.timeout_s
-        )
+        try:
+            version = self.registry.wait_for_version(
+                self.config.model_id, wanted, timeout=self.config.timeout_s
+            )
+        except TimeoutError as exc:
+            older = self.registry.discover(self.config.model_id)
+            if older:
+                raise StaleVersion(
+                    f"newest committed version {older[0]} is not >= {wanted} after "
+                    f"{self.config.timeout_s:.3g} s (applied: {self.applied_version})"
+                ) from exc
+            raise
         staged = self.stage(version, _discover_s=time.perf_counter() - start)
         return self.commit(staged)
 

@@ -392,7 +392,8 @@ def run_topology(
 def _summarize(cfg: RunConfig, outcomes: list[RankOutcome], seconds: float) -> RefitRunResult:
     ranks, errors = [], []
     for o in outcomes:
-        value = dict(o.value) if o.status == "ok" else {"rank": o.rank}
+        role = cfg.spec.rank_info(o.rank).role
+        value = dict(o.value) if o.status == "ok" else {"rank": o.rank, "role": role}
         value.update(status=o.status, seconds=o.seconds)
         if o.status != "ok":
             value["error"] = o.error or f"exit code {o.exitcode}"

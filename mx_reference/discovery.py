@@ -37,7 +37,7 @@ import re
 import reprlib
 import types
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -174,9 +174,13 @@ def iter_module_tensors(
     ``kind`` is ``"parameter"`` or ``"buffer"``. Every name is yielded, tied ones included (the
     same Parameter under two names appears twice); :func:`collect_module_tensors` dedups.
     """
-    _require_module(module, "iter_module_tensors")
-    is_accel = resolve_backend(backend).is_accel_tensor
-    paths = _module_paths(module)
+    _require_module(module, "iter_module_tensors")  # here, not on the first next()
+    return _iter_module_tensors(_module_paths(module), resolve_backend(backend).is_accel_tensor)
+
+
+def _iter_module_tensors(
+    paths: list[tuple[str, nn.Module]], is_accel: Callable[[object], bool]
+) -> Iterator[tuple[str, torch.Tensor, str]]:
     for kind, table in (("parameter", "_parameters"), ("buffer", "_buffers")):
         for prefix, m in paths:
             for name, t in getattr(m, table).items():
@@ -274,7 +278,7 @@ def collect_module_tensors(
     for members in shared.values():
         for pos, entry in _publish_storage(members):
             placed.setdefault(pos, []).append(entry)
-    published = []
+    published: list[PublishedTensor] = []
     for pos, (name, t, base) in enumerate(zip(names, tensors, bases, strict=True)):
         if base in shared:
             published.extend(placed.get(pos, ()))
@@ -318,7 +322,7 @@ def _key_text(key: object) -> str | None:
 
 def _slot_names(cls: type) -> tuple[str, ...]:
     names: list[str] = []
-    for klass in cls.__mro__:
+    for klass in reversed(cls.__mro__):  # base classes' slots first
         slots = klass.__dict__.get("__slots__", ())
         names.extend([slots] if isinstance(slots, str) else slots)
     return tuple(n for n in names if not n.startswith("__"))

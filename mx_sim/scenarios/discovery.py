@@ -154,7 +154,7 @@ def coverage_errors(
         if start < end:
             errors.append(f"{a} and {b} overlap: bytes registered twice")
     starts = np.array([s for s, _, _ in spans], dtype=np.int64)
-    ends = np.array([e for _, e, _ in spans], dtype=np.int64)
+    ends = np.array([e for _, e, _ in spans] + [0], dtype=np.int64)  # [-1]: before every entry
 
     named = list(named)
     accel_names = [n for n, t in named if is_accel(t)]
@@ -170,7 +170,7 @@ def coverage_errors(
             continue
         addr = _element_addresses(t)
         idx = np.searchsorted(starts, addr, side="right") - 1
-        ok = (idx >= 0) & (addr + t.element_size() <= ends[np.maximum(idx, 0)])
+        ok = addr + t.element_size() <= ends[idx]
         if not ok.all():
             errors.append(
                 f"tensor {tuple(t.shape)} at {t.data_ptr():#x}: {int((~ok).sum())} elements not covered"

@@ -26,28 +26,28 @@ class Pair:
     def __init__(self, n: int, take: int, hold: bool, config: SharedChannelConfig):
         ctx = tmp.get_context("spawn")
         self.queues = TensorQueues.create(1, 1, ctx)
-        self.headers, self.results = ctx.Queue(), ctx.Queue()
+        # one results queue per child: a child SIGKILLed right after its put can die holding the
+        # queue's shared write lock, and every other writer to that queue then blocks forever
+        self.headers, self.from_producer, self.from_consumer = ctx.Queue(), ctx.Queue(), ctx.Queue()
         self.stop, self._stop_w = ctx.Pipe(duplex=False)
         self.go = ctx.Event()
-        self.reports: dict[str, tuple] = {}
         self.producer = ctx.Process(
             target=producer,
-            args=(self.queues, self.headers, self.results, self.stop, n, config),
+            args=(self.queues, self.headers, self.from_producer, self.stop, n, config),
             daemon=True,
         )
         self.consumer = ctx.Process(
             target=consumer,
-            args=(self.queues, self.headers, self.results, self.go, take, hold, config),
+            args=(self.queues, self.headers, self.from_consumer, self.go, take, hold, config),
             daemon=True,
         )
 
     def expect(self, kind: str, timeout: float = 30.0):
-        """The next report of ``kind``; reports from the two processes may interleave."""
-        deadline = time.monotonic() + timeout
-        while kind not in self.reports:
-            got = self.results.get(timeout=max(0.0, deadline - time.monotonic()))
-            self.reports[got[0]] = got
-        return self.reports.pop(kind)
+        """The next report of ``kind`` from the process that sends it."""
+        results = self.from_producer if kind in ("sent", "drained") else self.from_consumer
+        got = results.get(timeout=timeout)
+        assert got[0] == kind, got
+        return got
 
     def close(self) -> None:
         self._stop_w.send(True)
@@ -58,7 +58,7 @@ class Pair:
             if p.is_alive():
                 p.kill()
                 p.join()
-        for q in (self.headers, self.results):
+        for q in (self.headers, self.from_producer, self.from_consumer):
             q.close()
             q.cancel_join_thread()
         self.queues.close()

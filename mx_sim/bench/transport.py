@@ -63,24 +63,27 @@ def _source(kind: str, path: str, nbytes: int) -> None:
     with _transport(kind, "bench-source") as t:
         flat = torch.randint(0, 256, (nbytes,), dtype=torch.uint8)  # [nbytes]
         t.register([flat])
-        s.set("md", t.metadata())
+        s.set("md", t.metadata())  # type: ignore[arg-type]  # Store.set takes bytes too
         s.set("addr", str(flat.data_ptr()))
         s.set("sum", str(int(flat.sum(dtype=torch.int64))))
         s.wait(["done"])
 
 
-def _median_s(fn: Callable[[], object], reps: int) -> float:
-    fn()  # warm-up (first touch, connection set-up)
-    times = []
+def _interleaved_s(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:
+    """Median seconds of each function, run in rounds so all see the same machine load."""
+    for fn in fns.values():
+        fn()  # warm-up (first touch, connection set-up)
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {f"{name}_s": statistics.median(ts) for name, ts in times.items()}
 
 
 def _measure(kind: str, nbytes: int, reps: int, tmp: str) -> dict[str, float]:
-    """Seconds per pull of ``nbytes`` for each pull style, plus registration time."""
+    """Seconds per pull of ``nbytes`` for each pull style and per ``copy_``, plus registration."""
     path = f"{tmp}/store-{kind}"
     proc = mp.get_context("spawn").Process(target=_source, args=(kind, path, nbytes), daemon=True)
     proc.start()
@@ -100,19 +103,26 @@ def _measure(kind: str, nbytes: int, reps: int, tmp: str) -> dict[str, float]:
             far = t.prep_remote(peer, [re.mem for _, re in pairs])
             prepped = t.make_prepped_read(local, range(TENSORS), far, range(TENSORS))
 
-            def run(h):
+            copy_src = torch.randint(0, 256, (nbytes,), dtype=torch.uint8)  # [nbytes]
+            copy_dst = torch.zeros(nbytes, dtype=torch.uint8)
+
+            def read(h):
                 t.post(h)
                 t.wait(h, WAIT_S)
 
-            out = {
-                "one_desc_s": _median_s(lambda: run(one), reps),
-                "prepped_300_s": _median_s(lambda: run(prepped), reps),
-                "coalesced_300_s": _median_s(lambda: t.pull(pairs, WAIT_S), reps),
-                "register_s": register_s,
-            }
+            out = _interleaved_s(
+                {
+                    "copy": lambda: copy_dst.copy_(copy_src),
+                    "one_desc": lambda: read(one),
+                    "prepped_300": lambda: read(prepped),
+                    "coalesced_300": lambda: t.pull(pairs, WAIT_S),
+                },
+                reps,
+            )
+            out["register_s"] = register_s
             if int(dst.sum(dtype=torch.int64)) != int(s.get("sum")):
                 raise RuntimeError(f"{kind}: pulled bytes differ from the source")
-            s.set("done", b"1")
+            s.set("done", "1")
         proc.join(WAIT_S)
         if proc.exitcode != 0:
             raise RuntimeError(f"bench source process exited with {proc.exitcode}")
@@ -123,12 +133,6 @@ def _measure(kind: str, nbytes: int, reps: int, tmp: str) -> dict[str, float]:
         proc.join(5)
 
 
-def _copy_s(nbytes: int, reps: int) -> float:
-    src = torch.randint(0, 256, (nbytes,), dtype=torch.uint8)  # [nbytes]
-    dst = torch.zeros(nbytes, dtype=torch.uint8)
-    return _median_s(lambda: dst.copy_(src), reps)
-
-
 def run(out_dir: pathlib.Path, quick: bool) -> list[BenchResult]:
     """NIXL pull ÷ ``copy_`` (the goal) and the simulator's pull ÷ ``copy_`` (for reference).
 
@@ -137,7 +141,6 @@ def run(out_dir: pathlib.Path, quick: bool) -> list[BenchResult]:
     from mx_reference.transport.nixl import nixl_available
 
     nbytes, reps = (16 << 20, 3) if quick else (256 << 20, 7)
-    copy_gbps = nbytes / _copy_s(nbytes, reps) / 1e9
     results = []
     kinds = ["nixl"] if nixl_available() else []
     if not quick or not kinds:
@@ -145,6 +148,7 @@ def run(out_dir: pathlib.Path, quick: bool) -> list[BenchResult]:
     with tempfile.TemporaryDirectory(prefix="mx-bench-transport-") as tmp:
         for kind in kinds:
             m = _measure(kind, nbytes, reps, tmp)
+            copy_gbps = nbytes / m["copy_s"] / 1e9
             metrics = {"mbytes": nbytes / 2**20, "tensors": TENSORS, "copy_gbps": copy_gbps}
             for style in ("one_desc", "prepped_300", "coalesced_300"):
                 gbps = nbytes / m[f"{style}_s"] / 1e9

@@ -70,9 +70,9 @@ def all_gather_shards(
     tag: int, tensors: Mapping[str, torch.Tensor], group: dist.ProcessGroup | None
 ) -> list[tuple[int, dict[str, torch.Tensor]]]:
     """``(tag, tensors)`` of every rank in ``group`` (group rank order); CPU tensors out."""
-    packed = _pack(tag, tensors)
     if group is None:
-        return [_unpack(packed)]
+        return [(tag, dict(tensors))]
+    packed = _pack(tag, tensors)
     size = torch.tensor([packed.numel()], dtype=torch.int64)
     sizes = [torch.empty_like(size) for _ in range(group.size())]
     group.allgather([sizes], [size]).wait()

@@ -455,6 +455,8 @@ class RefitReceiver:
         self, plan: RefitPlan, local: Mapping[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
         """Every replica rank's slices -> canonical Megatron tensors."""
+        if self.group is None and self.target.tp_size == 1:
+            return dict(local)  # one rank at TP 1 holds every tensor whole: already canonical
         by_tp: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
         for tp_rank, tensors in all_gather_shards(self.target.tp_rank, local, self.group):
             by_tp.setdefault((tp_rank, 0), {}).update(tensors)

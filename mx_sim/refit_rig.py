@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from mx_reference.refit.descriptors import SourceManifest
-from mx_reference.refit.layouts import RefitModelConfig, megatron_shards_from_hf
+from mx_reference.refit.layouts import RefitModelConfig
 from mx_reference.refit.planner import TargetLayout
 from mx_reference.refit.publisher import PublisherConfig, RefitPublisher
 from mx_reference.refit.receiver import CycleTiming, ReceiverConfig, RefitReceiver
@@ -26,7 +26,8 @@ from mx_reference.refit.replicas import ReplicaDirectory
 from mx_reference.transport.base import Transport
 from mx_sim.backends import CpuMockBackend
 from mx_sim.models import TinyModelSpec
-from mx_sim.refit_sim import MODEL_ID, version_model
+from mx_sim.refit_sim import MODEL_ID, rank_shards, version_model
+from mx_sim.topology import RankInfo
 
 
 @dataclass
@@ -117,15 +118,8 @@ class RefitRig:
         state = self.version_state(version)
         out = []
         for pub in self.publishers:
-            shards = megatron_shards_from_hf(
-                state,
-                self.model_config,
-                tp_size=pub.tp[1],
-                tp_rank=pub.tp[0],
-                ep_size=pub.ep[1],
-                ep_rank=pub.ep[0],
-            )
-            out.append(pub.publish(version, shards))
+            info = RankInfo("trainer", 0, pub.tp[0], pub.tp[1], 0, 1, pub.ep[0], pub.ep[1])
+            out.append(pub.publish(version, rank_shards(state, self.model_config, info)))
         return out
 
     def cycle(self, version: int) -> CycleTiming:

@@ -128,6 +128,21 @@ def pp_stage(name: str, num_layers: int, pp_size: int) -> int:
     return 0 if name.startswith("embedding.") else pp_size - 1
 
 
+def rank_shards(state: dict, mcfg: RefitModelConfig, info: RankInfo) -> list:
+    """What trainer rank ``info`` publishes: its TP/EP shards of its PP stage's tensors."""
+    shards = megatron_shards_from_hf(
+        state,
+        mcfg,
+        tp_size=info.tp_size,
+        tp_rank=info.tp_rank,
+        ep_size=info.ep_size,
+        ep_rank=info.ep_rank,
+    )
+    return [
+        (d, t) for d, t in shards if pp_stage(d.name, mcfg.num_layers, info.pp_size) == info.pp_rank
+    ]
+
+
 def _transport(cfg: RunConfig, name: str, info: RankInfo):
     if cfg.transport == "nixl":
         from mx_reference.transport.nixl import NixlTransport
@@ -197,20 +212,7 @@ def _trainer(cfg: RunConfig, info: RankInfo, store: dist.Store, groups: dict) ->
             if not (stale and cycle == cfg.fault.cycle):  # type: ignore[union-attr]
                 model = version_model(cfg.model_kind, cfg.model_spec, cycle)
                 mcfg = mcfg or RefitModelConfig.from_hf(model.config)
-                shards = megatron_shards_from_hf(
-                    model.state_dict(),
-                    mcfg,
-                    tp_size=info.tp_size,
-                    tp_rank=info.tp_rank,
-                    ep_size=info.ep_size,
-                    ep_rank=info.ep_rank,
-                )
-                mine = [
-                    (d, t)
-                    for d, t in shards
-                    if pp_stage(d.name, mcfg.num_layers, info.pp_size) == info.pp_rank
-                ]
-                publisher.publish(cycle, mine)
+                publisher.publish(cycle, rank_shards(model.state_dict(), mcfg, info))
             # the whole TP group learns whether every member published
             if not vote(True, groups.get("tp")):
                 raise RefitError(f"v{cycle}: a trainer TP peer failed to publish")
@@ -457,17 +459,7 @@ def plan_topology(
 
     def trainer(rank: int) -> None:
         info = spec.rank_info(rank)
-        shards = megatron_shards_from_hf(
-            state,
-            mcfg,
-            tp_size=info.tp_size,
-            tp_rank=info.tp_rank,
-            ep_size=info.ep_size,
-            ep_rank=info.ep_rank,
-        )
-        descs = [
-            d for d, _ in shards if pp_stage(d.name, mcfg.num_layers, info.pp_size) == info.pp_rank
-        ]
+        descs = [d for d, _ in rank_shards(state, mcfg, info)]
         offsets, _ = arena_offsets(descs)
         endpoint = Endpoint(transport_metadata=b"", base_addr=0, source_id=f"plan-{rank}")
         registry.publish(

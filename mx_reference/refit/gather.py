@@ -29,10 +29,9 @@ def vote(ok: bool, group: dist.ProcessGroup | None) -> bool:
     if group is None:
         return ok
     flag = torch.tensor([1 if ok else 0], dtype=torch.int32)
-    opts = dist.AllreduceOptions()
-    opts.reduceOp = dist.ReduceOp.MIN
-    group.allreduce([flag], opts).wait()
-    return bool(flag.item())
+    flags = [torch.empty_like(flag) for _ in range(group.size())]
+    group.allgather([flags], [flag]).wait()
+    return all(bool(f.item()) for f in flags)
 
 
 def _padded(n: int) -> int:

@@ -383,11 +383,7 @@ class RefitReceiver:
         by_rank = {m.rank: m for m in manifests}
         pairs: dict[int, list[tuple[MemDesc, RemoteDesc]]] = {}
         whole: set[tuple[int, str]] = set()
-        for name, t in plan.tensors.items():
-            if not self.owns(name):
-                continue
-            assert dest is not None
-            dview = dest.views[name]
+        for name, t, dview in self._owned(plan, dest):
             for p in t.pieces:
                 m = by_rank[p.src_rank]
                 d = next(x for x in m.tensors if x.name == name)
@@ -421,6 +417,13 @@ class RefitReceiver:
             for h in handles:
                 self.transport.release(h, cancel=True)
 
+    def _owned(self, plan: RefitPlan, dest: Arena | None):
+        """``(name, tensor plan, destination view)`` of every tensor this rank pulls."""
+        for name, t in plan.tensors.items():
+            if self.owns(name):
+                assert dest is not None
+                yield name, t, dest.views[name]
+
     def _remote(self, m: SourceManifest, offset: int, length: int) -> RemoteDesc:
         endpoint = decode_endpoint(m.agent_metadata)
         return RemoteDesc("", endpoint.base_addr + offset, length, endpoint.device_id)
@@ -439,11 +442,7 @@ class RefitReceiver:
     ) -> dict[str, torch.Tensor]:
         """Copy strided pieces out of scratch; return this rank's destination tensors."""
         out = {}
-        for name, t in plan.tensors.items():
-            if not self.owns(name):
-                continue
-            assert dest is not None
-            dview = dest.views[name]
+        for name, t, dview in self._owned(plan, dest):
             for p in t.pieces:
                 if not p.direct:
                     assert scratch is not None

@@ -67,7 +67,7 @@ class ReplicaDirectory:
             cur = self._ns.get("ids") if self._ns.check(["ids"]) else b""
             old = msgspec.msgpack.decode(cur, type=list[str]) if cur else []
             new = msgspec.msgpack.encode(change(old))
-            if self._ns.compare_set("ids", cur, new) == new:
+            if self._ns.compare_set("ids", cur, new) == new:  # type: ignore[arg-type]
                 return
             if time.monotonic() > deadline:
                 raise TimeoutError(

@@ -9,7 +9,7 @@ captured them) stay valid. A failed check raises ``ValueError`` and leaves the m
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 
 import torch
 
@@ -20,11 +20,6 @@ def tensor_digest(t: torch.Tensor) -> str:
     data = t.detach().contiguous().cpu()
     h.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:32]
-
-
-def names_digest(names: Iterable[str]) -> str:
-    """SHA-256 of the name sequence in the given order (a layout drift check)."""
-    return hashlib.sha256("\n".join(names).encode()).hexdigest()[:32]
 
 
 def state_digest(tensors: Mapping[str, torch.Tensor]) -> str:

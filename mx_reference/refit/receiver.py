@@ -50,8 +50,6 @@ from mx_reference.refit.publisher import ALIGNMENT, decode_endpoint, shard_diges
 from mx_reference.refit.registry import VersionRegistry
 from mx_reference.transport.base import MemDesc, Registration, RemoteDesc, Transport, coalesce
 
-PHASES = ("discover", "plan", "alloc", "register", "pull", "translate", "verify", "apply", "total")
-
 
 class RefitError(RuntimeError):
     """A cycle failed; the model still holds its previous version."""

@@ -280,3 +280,13 @@ def test_cycles_over_real_nixl(rig_factory):
     assert second.registrations == 0 and first.bytes_pulled == second.bytes_pulled > 0
     state = rig.version_state(2)
     assert all(torch.equal(p, state[n]) for n, p in rig.receiver.params.items())
+
+
+def test_benchmark_quick_writes_results_and_plot(tmp_path):
+    from mx_sim.bench.refit import run
+
+    results = run(tmp_path, quick=True)
+    warm = next(r for r in results if "warm" in r.name)
+    assert warm.met and warm.metrics["warm_registrations"] == 0
+    assert warm.metrics["cold_registrations"] > 0
+    assert (tmp_path / "refit.json").exists() and (tmp_path / "refit_phases.png").exists()

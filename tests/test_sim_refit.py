@@ -123,3 +123,12 @@ def test_torchrun_two_node_groups_on_loopback(tmp_path):
     for r in ranks[2:]:
         assert not r.get("error") and not r["failures"]
         assert [c["version"] for c in r["cycles"]] == [1, 2, 3]
+
+
+@pytest.mark.timeout(120)
+def test_scenario_quick_rows_pass(tmp_path):
+    from mx_sim.scenarios.refit import run
+
+    rows = run(tmp_path, quick=True)
+    assert len(rows) == 3 and all(r.passed for r in rows), [r.detail for r in rows]
+    assert all(r.timings["register"] == 0.0 and r.bytes_moved > 0 for r in rows)

@@ -1,0 +1,143 @@
+"""The reference engine adapter: the behaviour every engine adapter is checked against.
+
+:class:`ReferenceAdapter` implements :class:`mx_reference.adapter.EngineAdapter` over real HF
+``transformers`` models built from tiny configs, delegating every step to ``mx_reference``. It
+takes the accelerator backend as a parameter: :func:`reference_adapter` (the CPU mock, what
+``tox -e sim`` checks) and :func:`cuda_reference_adapter` (real CUDA, for ``tox -e gpu``) are the
+factories ``--mx-adapter`` accepts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+
+from mx_reference import adapter as caps
+from mx_reference.backends import AcceleratorBackend, CudaBackend
+from mx_reference.discovery import PublishedTensor, discover
+from mx_reference.graphs.runner import GraphRunner, RunnerConfig
+from mx_reference.ipc.codec import Decoder, Encoder, InlineChannel
+from mx_reference.ipc.requests import TensorBuffer
+from mx_reference.ipc.shared import (
+    SharedChannelConfig,
+    SharedTensorReceiver,
+    SharedTensorSender,
+    TensorQueues,
+)
+from mx_reference.refit.apply import apply_in_place, model_parameters
+from mx_reference.refit.planner import TargetLayout
+from mx_reference.refit.receiver import RefitReceiver
+from mx_sim.backends import CpuMockBackend
+from mx_sim.models import TinyModelSpec, build_tiny_model
+
+
+class ReferenceAdapter:
+    """An engine worker made of ``mx_reference`` parts, on ``backend``.
+
+    Its models are plain HF models, so HF naming is also the engine's naming and
+    ``load_weights`` is an all-or-nothing in-place copy.
+    """
+
+    def __init__(self, backend: AcceleratorBackend):
+        self._backend = backend
+        self._paused = False
+        self.graphs = GraphRunner(RunnerConfig(), backend=backend)
+
+    @property
+    def backend(self) -> AcceleratorBackend:
+        return self._backend
+
+    @property
+    def capabilities(self) -> frozenset[str]:
+        return caps.CAPABILITIES
+
+    # -- models and discovery --------------------------------------------------------------
+
+    def build_model(self, kind: str, *, seed: int = 0, **config: Any) -> torch.nn.Module:
+        """``kind`` is a :data:`mx_sim.models.MODEL_BUILDERS` family; ``config`` overrides
+        :class:`~mx_sim.models.TinyModelSpec` fields."""
+        model = build_tiny_model(kind, TinyModelSpec(**config), seed=seed)
+        return model.to(self.backend.torch_device())
+
+    def discover_tensors(
+        self, model: torch.nn.Module, backend: AcceleratorBackend | None = None
+    ) -> list[PublishedTensor]:
+        return discover(model, backend or self.backend)
+
+    def load_weights(
+        self, model: torch.nn.Module, named_tensors: Iterable[tuple[str, torch.Tensor]]
+    ) -> None:
+        apply_in_place(model_parameters(model), dict(named_tensors))
+
+    # -- engine control --------------------------------------------------------------------
+
+    def pause(self) -> None:
+        self._paused = True
+
+    def resume(self) -> None:
+        self._paused = False
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    # -- graphs ----------------------------------------------------------------------------
+
+    def capture_graph(
+        self,
+        key: Any,
+        forward_fn: Callable[..., Any],
+        inputs: Mapping[str, Any],
+        postprocess_fn: Callable[[Mapping[str, Any]], None] | None = None,
+    ) -> Any:
+        return self.graphs.capture(key, forward_fn, inputs, postprocess_fn)
+
+    def replay_graph(self, key: Any, inputs: Mapping[str, Any]) -> Any:
+        return self.graphs.replay(key, inputs)
+
+    # -- IPC -------------------------------------------------------------------------------
+
+    def make_codec(self, channel: Any = None) -> tuple[Encoder, Decoder]:
+        """An encoder / decoder pair over ``channel`` (default: inline frames)."""
+        channel = InlineChannel() if channel is None else channel
+        return Encoder(channel), Decoder(source=channel)
+
+    def make_channel(self, kind: str, **options: Any) -> Any:
+        """``inline``: an :class:`InlineChannel`. ``shared``: a ``(sender, receiver)`` pair over
+        local queues (``options`` go to :class:`SharedChannelConfig`)."""
+        if kind == "inline":
+            return InlineChannel()
+        if kind == "shared":
+            queues = TensorQueues.local(num_producers=1, num_consumers=1)
+            config = SharedChannelConfig(**options)
+            return SharedTensorSender(queues, 0, config), SharedTensorReceiver(queues, 0, config)
+        raise ValueError(f"make_channel: unknown kind {kind!r}; expected 'inline' or 'shared'")
+
+    def make_request_tracker(self, ttl_s: float = 60.0) -> TensorBuffer:
+        return TensorBuffer(ttl_s)
+
+    # -- refit -----------------------------------------------------------------------------
+
+    def target_layout(
+        self, *, tp_size: int, tp_rank: int, pp_size: int, pp_rank: int, global_rank: int
+    ) -> TargetLayout:
+        """This rank's TP position as the engine reports it; under PP, ``tp_rank`` and
+        ``global_rank`` differ and only ``tp_rank`` places the slice."""
+        return TargetLayout(tp_size=tp_size, tp_rank=tp_rank)
+
+    def make_receiver(self, model: torch.nn.Module, **kwargs: Any) -> RefitReceiver:
+        """A :class:`RefitReceiver` for ``model``; ``kwargs`` are its keyword arguments."""
+        kwargs.setdefault("backend", self.backend)
+        return RefitReceiver(model, **kwargs)
+
+
+def reference_adapter() -> ReferenceAdapter:
+    """The reference adapter on the CPU mock backend (what CPU CI checks)."""
+    return ReferenceAdapter(CpuMockBackend())
+
+
+def cuda_reference_adapter() -> ReferenceAdapter:
+    """The reference adapter on CUDA (``tox -e gpu``)."""
+    return ReferenceAdapter(CudaBackend())

@@ -71,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--trainer-pp", type=_positive, default=None)
     run.add_argument("--trainer-ep", type=_positive, default=None)
     run.add_argument("--inference-tp", type=_positive, default=None)
+    run.add_argument("--inference-pp", type=_positive, default=None)
     run.add_argument("--replicas", type=_positive, default=None)
     run.add_argument("--cycles", type=_positive, default=3, help="refit cycles per scenario")
 

@@ -9,25 +9,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from mx_sim.bench import BENCH_MODULES
+from mx_sim.plots import bars, stacked_bars
 from mx_sim.report import BenchResult, ScenarioResult
 
 SCENARIO_MODULES = ("discovery", "ipc", "refit", "graphs")
-
-
-def _plot_bars(path: Path, title: str, labels: list[str], values: list[float], unit: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, max(2.0, 0.35 * len(labels) + 1)))
-    ax.barh(labels, values, color="#4c72b0")
-    ax.set_xlabel(unit)
-    ax.set_title(title)
-    ax.invert_yaxis()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+REFIT_PHASES = ("alloc", "register", "pull", "translate", "apply")
 
 
 def run_scenarios(
@@ -55,7 +41,7 @@ def run_scenarios(
 
 def scenario_table(results: Sequence[ScenarioResult]) -> str:
     """A markdown table: one row per scenario with bytes moved and refit phase timings."""
-    phases = ("alloc", "register", "pull", "translate", "apply", "total")
+    phases = (*REFIT_PHASES, "total")
     lines = [
         "| scenario | result | bytes moved | seconds | " + " | ".join(phases) + " | detail |",
         "|---|---|---:|---:|" + "---:|" * len(phases) + "---|",
@@ -88,13 +74,21 @@ def write_run_report(results: Sequence[ScenarioResult], out_dir: Path, config: d
         "",
     ]
     (out_dir / "report.md").write_text("\n".join(md))
-    _plot_bars(
+    bars(
         out_dir / "scenario_seconds.png",
         "mx-sim run: seconds per scenario",
         [r.name for r in results],
         [r.seconds for r in results],
         "seconds",
     )
+    refits = [r for r in results if r.timings]
+    if refits:
+        stacked_bars(
+            out_dir / "refit_phases.png",
+            "refit phases, last (warm) cycle, slowest receiver",
+            [r.name for r in refits],
+            {p: [r.timings.get(p, 0.0) for r in refits] for p in REFIT_PHASES},
+        )
 
 
 def load_module(package: str, name: str):

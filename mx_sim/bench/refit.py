@@ -16,6 +16,7 @@ from pathlib import Path
 
 from mx_reference.refit.receiver import CycleTiming
 from mx_sim.models import TinyModelSpec
+from mx_sim.plots import stacked_bars
 from mx_sim.refit_rig import RefitRig, RigConfig
 from mx_sim.refit_sim import run_topology
 from mx_sim.report import BenchResult
@@ -111,24 +112,12 @@ def end_to_end() -> BenchResult:
 
 
 def plot(timings: list[CycleTiming], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    labels = [f"cycle {t.version}" for t in timings]
-    bottom = [0.0] * len(timings)
-    for phase in STACKED:
-        values = [getattr(t, phase) for t in timings]
-        ax.bar(labels, values, bottom=bottom, label=phase)
-        bottom = [b + v for b, v in zip(bottom, values, strict=True)]
-    ax.set_ylabel("seconds")
-    ax.set_title("refit phases per cycle (receiver, TP2 -> TP1)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    stacked_bars(
+        path,
+        "refit phases per cycle (receiver, TP2 -> TP1)",
+        [f"cycle {t.version}" for t in timings],
+        {phase: [getattr(t, phase) for t in timings] for phase in STACKED},
+    )
 
 
 def run(out_dir: Path, quick: bool) -> list[BenchResult]:

@@ -7,6 +7,7 @@ import time
 
 from mx_sim.report import ScenarioResult
 from mx_sim.runner import load_module, run_scenarios, scenario_table, write_run_report
+from mx_sim.scenarios.refit import CUSTOM_KEYS, validate_options
 
 
 def _run_scenario(name: str, args: argparse.Namespace) -> list[ScenarioResult]:
@@ -23,20 +24,13 @@ def _run_scenario(name: str, args: argparse.Namespace) -> list[ScenarioResult]:
 
 def refit_options(args: argparse.Namespace) -> dict:
     """The refit knobs the user set; the refit scenario fills in its defaults for the rest."""
-    keys = (
-        "transport",
-        "model",
-        "trainer_tp",
-        "trainer_pp",
-        "trainer_ep",
-        "inference_tp",
-        "replicas",
-        "cycles",
-    )
+    keys = ("transport", "cycles", *CUSTOM_KEYS)
     return {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
 
 
 def run_main(args: argparse.Namespace) -> int:
+    if "refit" in args.scenarios:
+        validate_options(refit_options(args))
     print(f"[mx-sim] scenarios: {', '.join(args.scenarios)} -> {args.out}")
     results = run_scenarios(args.scenarios, args.out, lambda name: _run_scenario(name, args))
     write_run_report(results, args.out, {k: str(v) for k, v in vars(args).items()})

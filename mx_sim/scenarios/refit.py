@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mx_reference.refit.planner import IncompleteRefitPlan
 from mx_sim.models import TinyModelSpec
-from mx_sim.refit_sim import RefitRunResult, run_topology
+from mx_sim.refit_sim import RefitRunResult, plan_topology, run_topology
 from mx_sim.report import ScenarioResult
 from mx_sim.topology import TopologySpec
 
@@ -64,7 +65,30 @@ def to_scenario(name: str, result: RefitRunResult, cycles: int = 3) -> ScenarioR
     )
 
 
-CUSTOM_KEYS = ("model", "trainer_tp", "trainer_pp", "trainer_ep", "inference_tp", "replicas")
+CUSTOM_KEYS = (
+    "model",
+    "trainer_tp",
+    "trainer_pp",
+    "trainer_ep",
+    "inference_tp",
+    "inference_pp",
+    "replicas",
+)
+
+
+def validate_options(options: dict) -> None:
+    """Reject a custom topology that cannot be refit (TP not dividing the KV heads...) with a
+    one-line ``ValueError``, by planning it in threads before any process is spawned."""
+    custom = {k: v for k, v in options.items() if k in CUSTOM_KEYS}
+    if not custom:
+        return
+    kind = custom.pop("model", "llama")
+    spec = TopologySpec(**custom)
+    try:
+        plan_topology(spec, kind)
+    except IncompleteRefitPlan as exc:
+        first = str(exc).removeprefix("refit plan incomplete: ").split("; ")[0]
+        raise ValueError(f"topology {spec.label()} cannot refit {kind}: {first}") from exc
 
 
 def run(out_dir: Path, quick: bool, options: dict | None = None) -> list[ScenarioResult]:

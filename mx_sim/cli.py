@@ -51,7 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="mx-sim", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", parser_class=OneLineParser)
 
-    run = commands.add_parser("run", help="run the default scenario matrix (the main job)")
+    run = commands.add_parser(
+        "run",
+        help="run the default scenario matrix (the main job)",
+        epilog="Any topology option (--model, --trainer-*, --inference-*, --replicas) replaces the "
+        "refit matrix with one custom topology; unset sizes default to 1.",
+    )
     run.add_argument(
         "--scenarios",
         type=_csv(SCENARIO_MODULES),
@@ -67,17 +72,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="refit data plane: the simulated transport (default) or real NIXL over UCX",
     )
     run.add_argument("--model", default=None, help="tiny HF model for a custom refit topology")
-    run.add_argument("--trainer-tp", type=_positive, default=None)
-    run.add_argument("--trainer-pp", type=_positive, default=None)
-    run.add_argument("--trainer-ep", type=_positive, default=None)
-    run.add_argument("--inference-tp", type=_positive, default=None)
-    run.add_argument("--inference-pp", type=_positive, default=None)
-    run.add_argument("--replicas", type=_positive, default=None)
+    for side, dims in (("trainer", ("tp", "pp", "ep")), ("inference", ("tp", "pp"))):
+        for dim in dims:
+            run.add_argument(
+                f"--{side}-{dim}", type=_positive, default=None, help=f"{side} {dim.upper()} size"
+            )
+    run.add_argument("--replicas", type=_positive, default=None, help="receiver replicas")
     run.add_argument("--cycles", type=_positive, default=3, help="refit cycles per scenario")
 
     bench = commands.add_parser("bench", help="run the benchmarks, write JSON and plots")
-    bench.add_argument("--out", type=Path, default=Path("docs/perf"))
-    bench.add_argument("--only", type=_csv(BENCH_MODULES), default=list(BENCH_MODULES))
+    bench.add_argument(
+        "--out", type=Path, default=Path("docs/perf"), help="results directory (JSON, plots)"
+    )
+    bench.add_argument(
+        "--only",
+        type=_csv(BENCH_MODULES),
+        default=list(BENCH_MODULES),
+        help=f"comma-separated subset of {','.join(BENCH_MODULES)} (default: all)",
+    )
     bench.add_argument("--quick", action="store_true", help="tiny sizes, for smoke tests")
     bench.add_argument(
         "--page", type=Path, default=None, help="also write a markdown page (docs/performance.md)"

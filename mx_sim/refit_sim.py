@@ -512,7 +512,14 @@ def main(argv: list[str] | None = None) -> int:
     """One rank under torchrun: ``WORLD_SIZE`` must equal the topology's world size."""
     p = argparse.ArgumentParser(prog="python -m mx_sim.refit_sim")
     p.add_argument("--model", default="llama")
-    for flag in ("trainer-tp", "trainer-pp", "trainer-ep", "inference-tp", "replicas"):
+    for flag in (
+        "trainer-tp",
+        "trainer-pp",
+        "trainer-ep",
+        "inference-tp",
+        "inference-pp",
+        "replicas",
+    ):
         p.add_argument(f"--{flag}", type=int, default=1)
     p.add_argument("--cycles", type=int, default=3)
     p.add_argument("--transport", choices=("sim", "nixl"), default="sim")
@@ -524,6 +531,7 @@ def main(argv: list[str] | None = None) -> int:
         trainer_pp=args.trainer_pp,
         trainer_ep=args.trainer_ep,
         inference_tp=args.inference_tp,
+        inference_pp=args.inference_pp,
         replicas=args.replicas,
     )
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])

@@ -27,76 +27,49 @@ class TinyModelSpec:
     tie_word_embeddings: bool = False
 
 
-def _llama(spec: TinyModelSpec):
-    from transformers import LlamaConfig, LlamaForCausalLM
+def _hf_model(config_class: str, model_class: str, **config) -> torch.nn.Module:
+    import transformers
 
-    return LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=spec.vocab_size,
-            hidden_size=spec.hidden_size,
-            intermediate_size=spec.intermediate_size,
-            num_hidden_layers=spec.num_layers,
-            num_attention_heads=spec.num_heads,
-            num_key_value_heads=spec.num_kv_heads,
-            tie_word_embeddings=spec.tie_word_embeddings,
-        )
+    return getattr(transformers, model_class)(getattr(transformers, config_class)(**config))
+
+
+def _decoder_config(spec: TinyModelSpec) -> dict:
+    """The fields Llama-style decoders (Llama, Qwen2, Mixtral) share."""
+    return dict(
+        vocab_size=spec.vocab_size,
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_kv_heads,
+        tie_word_embeddings=spec.tie_word_embeddings,
     )
 
 
-def _qwen2(spec: TinyModelSpec):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    return Qwen2ForCausalLM(
-        Qwen2Config(
-            vocab_size=spec.vocab_size,
-            hidden_size=spec.hidden_size,
-            intermediate_size=spec.intermediate_size,
-            num_hidden_layers=spec.num_layers,
-            num_attention_heads=spec.num_heads,
-            num_key_value_heads=spec.num_kv_heads,
-            tie_word_embeddings=spec.tie_word_embeddings,
-        )
-    )
-
-
-def _mixtral(spec: TinyModelSpec):
-    from transformers import MixtralConfig, MixtralForCausalLM
-
-    return MixtralForCausalLM(
-        MixtralConfig(
-            vocab_size=spec.vocab_size,
-            hidden_size=spec.hidden_size,
-            intermediate_size=spec.intermediate_size,
-            num_hidden_layers=spec.num_layers,
-            num_attention_heads=spec.num_heads,
-            num_key_value_heads=spec.num_kv_heads,
-            num_local_experts=spec.num_experts,
-            num_experts_per_tok=2,
-            tie_word_embeddings=spec.tie_word_embeddings,
-        )
-    )
-
-
-def _gpt2(spec: TinyModelSpec):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    return GPT2LMHeadModel(
-        GPT2Config(
-            vocab_size=spec.vocab_size,
-            n_embd=spec.hidden_size,
-            n_layer=spec.num_layers,
-            n_head=spec.num_heads,
-            n_positions=64,
-            bos_token_id=0,
-            eos_token_id=0,
-        )
+def _gpt2(spec: TinyModelSpec) -> torch.nn.Module:
+    return _hf_model(
+        "GPT2Config",
+        "GPT2LMHeadModel",
+        vocab_size=spec.vocab_size,
+        n_embd=spec.hidden_size,
+        n_layer=spec.num_layers,
+        n_head=spec.num_heads,
+        n_positions=64,
+        bos_token_id=0,
+        eos_token_id=0,
     )
 
 
 MODEL_BUILDERS: dict[str, Callable[[TinyModelSpec], torch.nn.Module]] = {
-    "llama": _llama,
-    "qwen2": _qwen2,
-    "mixtral": _mixtral,
+    "llama": lambda s: _hf_model("LlamaConfig", "LlamaForCausalLM", **_decoder_config(s)),
+    "qwen2": lambda s: _hf_model("Qwen2Config", "Qwen2ForCausalLM", **_decoder_config(s)),
+    "mixtral": lambda s: _hf_model(
+        "MixtralConfig",
+        "MixtralForCausalLM",
+        **_decoder_config(s),
+        num_local_experts=s.num_experts,
+        num_experts_per_tok=2,
+    ),
     "gpt2": _gpt2,
 }
 

@@ -13,8 +13,9 @@ Notation: H query heads, G KV heads (query groups), p = H/G, D head dim, I FFN s
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import astuple, dataclass
+from functools import partial
 from typing import NamedTuple
 
 import msgspec
@@ -455,15 +456,19 @@ def canonical_from_ranks(
     tp_size: int,
     ep_size: int = 1,
     vocab_divisible_by: int = 128,
+    merge: Callable[[ShardDescriptor, list[torch.Tensor]], torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Receiver side: merge what every target rank ``(tp_rank, ep_rank)`` assembled into the
-    canonical tensors. ``specs`` gives each tensor's role facts (a plan's ``TensorPlan.spec``)."""
+    canonical tensors. ``specs`` gives each tensor's role facts (a plan's ``TensorPlan.spec``);
+    ``merge(spec, shards)`` joins one tensor's TP shards (default :func:`canonical_from_shards`)."""
+    if merge is None:
+        merge = partial(canonical_from_shards, vocab_divisible_by=vocab_divisible_by)
     out = {}
     for name, d in specs.items():
 
         def merged(ep_rank: int) -> torch.Tensor:
             shards = [ranks[(t, ep_rank)][name] for t in range(tp_size)]  # noqa: B023
-            return canonical_from_shards(d, shards, vocab_divisible_by=vocab_divisible_by)  # noqa: B023
+            return merge(d, shards)  # noqa: B023
 
         if d.grouped:
             out[name] = torch.cat([merged(e) for e in range(ep_size)])

@@ -36,11 +36,12 @@ import torch.distributed as dist
 
 from mx_reference.backends import AcceleratorBackend, resolve_backend
 from mx_reference.refit.apply import apply_in_place, check_staged, model_parameters
-from mx_reference.refit.descriptors import SourceManifest, name_digest
+from mx_reference.refit.descriptors import ShardDescriptor, SourceManifest, name_digest
 from mx_reference.refit.gather import all_gather_shards, vote
 from mx_reference.refit.layouts import (
     RefitModelConfig,
     canonical_from_ranks,
+    canonical_from_shards,
     hf_from_canonical,
     megatron_name_map,
     shard_from_canonical,
@@ -458,11 +459,12 @@ class RefitReceiver:
         for tp_rank, tensors in all_gather_shards(self.target.tp_rank, local, self.group):
             by_tp.setdefault((tp_rank, 0), {}).update(tensors)
         specs = {name: t.spec for name, t in plan.tensors.items()}
-        return canonical_from_ranks(
-            by_tp,
-            specs,
-            tp_size=self.target.tp_size,
-            vocab_divisible_by=self.target.vocab_divisible_by,
+        return canonical_from_ranks(by_tp, specs, tp_size=self.target.tp_size, merge=self._merge)
+
+    def _merge(self, spec: ShardDescriptor, shards: list[torch.Tensor]) -> torch.Tensor:
+        """One tensor's shards from every replica rank (TP order) -> its canonical form."""
+        return canonical_from_shards(
+            spec, shards, vocab_divisible_by=self.target.vocab_divisible_by
         )
 
     def _translate(self, canonical: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -8,6 +8,7 @@ and allocated nothing. ``timings`` holds the last (warm) cycle of the slowest re
 
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
 
 from mx_reference.refit.planner import IncompleteRefitPlan
@@ -65,15 +66,7 @@ def to_scenario(name: str, result: RefitRunResult, cycles: int = 3) -> ScenarioR
     )
 
 
-CUSTOM_KEYS = (
-    "model",
-    "trainer_tp",
-    "trainer_pp",
-    "trainer_ep",
-    "inference_tp",
-    "inference_pp",
-    "replicas",
-)
+CUSTOM_KEYS = ("model", *(f.name for f in fields(TopologySpec)))
 
 
 def validate_options(options: dict) -> None:

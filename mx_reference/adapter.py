@@ -15,6 +15,8 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from mx_reference.backends import AcceleratorBackend
+from mx_reference.discovery import PublishedTensor
+from mx_reference.ipc.codec import TensorSink, TensorSource
 
 # Capabilities an adapter may declare.
 MOE = "moe"  # expert-parallel MoE models (fused / stacked experts)
@@ -52,10 +54,26 @@ class EngineAdapter(Protocol):
         """Build (or wrap) the engine's model for a tiny config of model family ``kind``."""
         ...
 
+    def post_load(self, model: torch.nn.Module, fn: Callable[[torch.nn.Module], None]) -> None:
+        """Run the engine's post-load processing ``fn(model)`` (e.g. FP8 scale creation).
+
+        A bare accelerator-tensor assignment ``fn`` makes on a submodule (``layer.scale = t``)
+        must be published under that qualified name, as
+        :func:`mx_reference.discovery.capture_tensor_attrs` does.
+        """
+        ...
+
     def discover_tensors(
         self, model: torch.nn.Module, backend: AcceleratorBackend | None = None
-    ) -> Any:
-        """Every publishable tensor of ``model`` under ``backend`` (default: the adapter's)."""
+    ) -> list[PublishedTensor]:
+        """The published set of ``model`` under ``backend`` (default: the adapter's).
+
+        Like :func:`mx_reference.discovery.discover`: entries are contiguous tensors sharing
+        the module's memory that cover every byte of every tensor ``backend.is_accel_tensor``
+        accepts (parameters, buffers, hidden tensors) exactly once; every module tensor name is
+        an entry name or alias; nothing ``backend`` rejects; the same names in the same order
+        for two identical builds.
+        """
         ...
 
     def load_weights(
@@ -80,21 +98,47 @@ class EngineAdapter(Protocol):
         inputs: Mapping[str, Any],
         postprocess_fn: Callable[[Mapping[str, Any]], None] | None = None,
     ) -> Any:
-        """Warm up and capture ``forward_fn`` for ``key`` (postprocess after each run)."""
+        """Warm up and capture ``forward_fn(inputs)`` under ``key``; returns the output
+        object every replay overwrites.
+
+        ``postprocess_fn(inputs)`` runs after each warmup run and after the capture, so inputs
+        ``forward_fn`` mutates in place are the same after capture as before it.
+        """
         ...
 
-    def replay_graph(self, key: Any, inputs: Mapping[str, Any]) -> Any: ...
+    def replay_graph(self, key: Any, inputs: Mapping[str, Any]) -> Any:
+        """Replay ``key`` and return its captured output object, rewritten.
 
-    def make_codec(self) -> Any:
-        """The IPC codec the engine's processes exchange messages with."""
+        Inputs that no longer live where the capture read them are rejected with
+        :class:`mx_reference.graphs.InputAddressError` naming their paths, before replaying.
+        """
         ...
 
-    def make_channel(self, kind: str, **options: Any) -> Any:
-        """An IPC buffer channel (``inline`` or ``shared``)."""
+    def make_codec(
+        self, channel: tuple[TensorSink, TensorSource] | None = None
+    ) -> tuple[Any, Any]:
+        """``(encoder, decoder)`` over ``channel`` (a :meth:`make_channel` pair; default inline).
+
+        ``encoder.encode(obj) -> list[frames]`` and ``decoder.decode(frames) -> obj`` must round
+        trip nested containers of tensors bit-exactly (every non-quantized dtype, empty and
+        non-contiguous tensors) and raise :class:`mx_reference.ipc.DecodeError` for any
+        malformed frames.
+        """
         ...
 
-    def make_request_tracker(self) -> Any:
-        """The request-scoped bookkeeping (buffered tensors per request, ``abort``)."""
+    def make_channel(self, kind: str, **options: Any) -> tuple[TensorSink, TensorSource]:
+        """``(sink, source)`` ends of an IPC buffer channel, ``kind`` ``inline`` or ``shared``.
+
+        ``shared`` takes :class:`mx_reference.ipc.SharedChannelConfig` fields as ``options``;
+        its sink counts ``sent`` tensors and ``fallbacks`` by reason, its source checks dtype
+        and shape on arrival and has ``poll()`` and ``abort(request_ids)``.
+        """
+        ...
+
+    def make_request_tracker(self, ttl_s: float = 60.0) -> Any:
+        """Request-scoped bookkeeping with the :class:`mx_reference.ipc.TensorBuffer` API:
+        ``add(key, tensor, request_id)``, ``entries``, and ``abort(request_ids)`` taking one
+        ``str`` id or a collection of ids and returning how many tensors it freed."""
         ...
 
     def target_layout(

@@ -16,9 +16,9 @@ import torch
 
 from mx_reference import adapter as caps
 from mx_reference.backends import AcceleratorBackend, CudaBackend
-from mx_reference.discovery import PublishedTensor, discover
+from mx_reference.discovery import PublishedTensor, capture_tensor_attrs, discover
 from mx_reference.graphs.runner import GraphRunner, RunnerConfig
-from mx_reference.ipc.codec import Decoder, Encoder, InlineChannel
+from mx_reference.ipc.codec import Decoder, Encoder, InlineChannel, TensorSink, TensorSource
 from mx_reference.ipc.requests import TensorBuffer
 from mx_reference.ipc.shared import (
     SharedChannelConfig,
@@ -61,6 +61,12 @@ class ReferenceAdapter:
         model = build_tiny_model(kind, TinyModelSpec(**config), seed=seed)
         return model.to(self.backend.torch_device())
 
+    def post_load(self, model: torch.nn.Module, fn: Callable[[torch.nn.Module], None]) -> None:
+        """Run post-load processing ``fn(model)`` with bare tensor assignments captured as
+        buffers (:func:`~mx_reference.discovery.capture_tensor_attrs`)."""
+        with capture_tensor_attrs(model, self.backend):
+            fn(model)
+
     def discover_tensors(
         self, model: torch.nn.Module, backend: AcceleratorBackend | None = None
     ) -> list[PublishedTensor]:
@@ -99,16 +105,20 @@ class ReferenceAdapter:
 
     # -- IPC -------------------------------------------------------------------------------
 
-    def make_codec(self, channel: Any = None) -> tuple[Encoder, Decoder]:
-        """An encoder / decoder pair over ``channel`` (default: inline frames)."""
-        channel = InlineChannel() if channel is None else channel
-        return Encoder(channel), Decoder(source=channel)
+    def make_codec(
+        self, channel: tuple[TensorSink, TensorSource] | None = None
+    ) -> tuple[Encoder, Decoder]:
+        """An encoder over ``channel``'s sink and a decoder over its source (default: inline)."""
+        sink, source = self.make_channel("inline") if channel is None else channel
+        return Encoder(sink), Decoder(source=source)
 
-    def make_channel(self, kind: str, **options: Any) -> Any:
-        """``inline``: an :class:`InlineChannel`. ``shared``: a ``(sender, receiver)`` pair over
-        local queues (``options`` go to :class:`SharedChannelConfig`)."""
+    def make_channel(self, kind: str, **options: Any) -> tuple[TensorSink, TensorSource]:
+        """``inline``: one :class:`InlineChannel` as both ends. ``shared``: a
+        :class:`SharedTensorSender` and :class:`SharedTensorReceiver` over in-process queues
+        (``options`` go to :class:`SharedChannelConfig`)."""
         if kind == "inline":
-            return InlineChannel()
+            channel = InlineChannel()
+            return channel, channel
         if kind == "shared":
             queues = TensorQueues.local(num_producers=1, num_consumers=1)
             config = SharedChannelConfig(**options)
@@ -116,6 +126,7 @@ class ReferenceAdapter:
         raise ValueError(f"make_channel: unknown kind {kind!r}; expected 'inline' or 'shared'")
 
     def make_request_tracker(self, ttl_s: float = 60.0) -> TensorBuffer:
+        """A :class:`TensorBuffer`: tensors buffered per request, freed by ``abort``."""
         return TensorBuffer(ttl_s)
 
     # -- refit -----------------------------------------------------------------------------

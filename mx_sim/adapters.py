@@ -40,6 +40,8 @@ class ReferenceAdapter:
     ``load_weights`` is an all-or-nothing in-place copy.
     """
 
+    receiver_class: type[RefitReceiver] = RefitReceiver  # conformance mutants swap in a subclass
+
     def __init__(self, backend: AcceleratorBackend):
         self._backend = backend
         self._paused = False
@@ -139,9 +141,9 @@ class ReferenceAdapter:
         return TargetLayout(tp_size=tp_size, tp_rank=tp_rank)
 
     def make_receiver(self, model: torch.nn.Module, **kwargs: Any) -> RefitReceiver:
-        """A :class:`RefitReceiver` for ``model``; ``kwargs`` are its keyword arguments."""
+        """A :attr:`receiver_class` for ``model``; ``kwargs`` are its keyword arguments."""
         kwargs.setdefault("backend", self.backend)
-        return RefitReceiver(model, **kwargs)
+        return self.receiver_class(model, **kwargs)
 
 
 def reference_adapter() -> ReferenceAdapter:

@@ -6,7 +6,9 @@ embedding and output layer truncated to the real vocab. A TP rank's shard is cut
 by role (:func:`rank_segments` says which global rows, in local order), and the receiver merges
 its ranks' shards back into it. The helpers that bugs have lived in (:func:`tp_range`,
 :func:`megatron_qkv_from_hf`, :func:`hf_gate_up_from_megatron`, ...) are small public functions
-so conformance mutants can patch them.
+so conformance mutants can patch them. Which HF tensors make which Megatron tensor is in
+:mod:`~mx_reference.refit.name_maps`; the transforms a rule asks for (GPT-2's Conv1D transpose,
+a fused HF ``q|k|v`` split by head counts) happen here, on the way in and out.
 
 Notation: H query heads, G KV heads (query groups), p = H/G, D head dim, I FFN size, E experts.
 """
@@ -14,17 +16,20 @@ Notation: H query heads, G KV heads (query groups), p = H/G, D head dim, I FFN s
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import astuple, dataclass
 from functools import partial
-from typing import NamedTuple
 
 import msgspec
 import torch
 
 from mx_reference.refit.descriptors import EXPERT_ROLES, GATED_ROLES, ShardDescriptor, dtype_name
-
-EXPERT_LAYOUTS = ("per_expert", "grouped")
-
+from mx_reference.refit.name_maps import (
+    LM_HEAD,
+    WORD_EMBEDDINGS,
+    RefitModelConfig,
+    TensorRule,
+    tensor_rules,
+)
+from mx_reference.refit.name_maps import megatron_name_map as megatron_name_map  # re-export
 
 # ---- extents ----------------------------------------------------------------------------------
 
@@ -156,6 +161,20 @@ def hf_qkv_from_megatron(
     return q, k, v
 
 
+def split_fused_qkv(
+    qkv: torch.Tensor, *, num_heads: int, num_kv_heads: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """HF's fused ``q|k|v`` (GPT-2's ``c_attn`` once in ``[out, in]`` order) -> ``(q, k, v)``:
+    H·D, G·D and G·D rows one after the other, *not* interleaved per group."""
+    h, g = num_heads, num_kv_heads
+    _check_heads(h, g)
+    if qkv.shape[0] % (h + 2 * g):
+        raise ValueError(f"fused q|k|v rows {qkv.shape[0]} not a multiple of H+2G={h + 2 * g}")
+    d = qkv.shape[0] // (h + 2 * g)
+    q, k, v = qkv.split([h * d, g * d, g * d])
+    return q, k, v
+
+
 def megatron_fc1_shards_from_hf(
     gate: torch.Tensor, up: torch.Tensor, *, tp: int, dim: int = 0
 ) -> list[torch.Tensor]:
@@ -185,149 +204,6 @@ def hf_gate_up_from_megatron(
     return (torch.cat([g for g, _ in halves], dim=dim), torch.cat([u for _, u in halves], dim=dim))
 
 
-# ---- model config and name maps ---------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RefitModelConfig:
-    """The shape facts translation needs; ``from_hf`` reads them off a transformers config."""
-
-    num_layers: int
-    hidden_size: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    intermediate_size: int
-    vocab_size: int
-    tie_word_embeddings: bool = False
-    num_experts: int = 0
-    qkv_bias: bool = False
-    qk_norm: bool = False
-    vocab_divisible_by: int = 128
-
-    @classmethod
-    def from_hf(cls, config) -> RefitModelConfig:
-        """Llama-, Qwen2/3- and Mixtral-style configs."""
-        model_type = getattr(config, "model_type", "")
-        return cls(
-            num_layers=config.num_hidden_layers,
-            hidden_size=config.hidden_size,
-            num_heads=config.num_attention_heads,
-            num_kv_heads=config.num_key_value_heads,
-            head_dim=getattr(config, "head_dim", None)
-            or config.hidden_size // config.num_attention_heads,
-            intermediate_size=getattr(config, "moe_intermediate_size", None)
-            or config.intermediate_size,
-            vocab_size=config.vocab_size,
-            tie_word_embeddings=bool(config.tie_word_embeddings),
-            num_experts=getattr(config, "num_local_experts", None)
-            or getattr(config, "num_experts", None)
-            or 0,
-            qkv_bias=model_type == "qwen2" or bool(getattr(config, "attention_bias", False)),
-            qk_norm=model_type.startswith("qwen3"),
-        )
-
-    def key(self) -> tuple:
-        """Hashable identity for plan caches."""
-        return astuple(self)
-
-
-class TensorRule(NamedTuple):
-    """One Megatron tensor and the HF tensors it comes from.
-
-    ``expert`` is set for per-expert tensors cut from HF's stacked ``mlp.experts.*`` (transformers
-    5 stores ``gate_up_proj`` as (E, 2I, H) with gate rows first, ``down_proj`` as (E, H, I)).
-    """
-
-    megatron: str
-    role: str
-    hf: tuple[str, ...]
-    axis: int = 0
-    expert: int | None = None
-
-
-def tensor_rules(cfg: RefitModelConfig, expert_layout: str = "per_expert") -> list[TensorRule]:
-    """Megatron <-> HF name map for Llama- and Qwen-style models (dense or MoE)."""
-    if expert_layout not in EXPERT_LAYOUTS:
-        raise ValueError(f"expert_layout {expert_layout!r} not in {EXPERT_LAYOUTS}")
-    R = TensorRule
-    rules = [
-        R("embedding.word_embeddings.weight", "vocab_parallel", ("model.embed_tokens.weight",))
-    ]
-    for i in range(cfg.num_layers):
-        m, h = f"decoder.layers.{i}.", f"model.layers.{i}."
-        att, qkv = m + "self_attention.", ("q_proj", "k_proj", "v_proj")
-        rules += [
-            R(att + "linear_qkv.layer_norm_weight", "replicated", (h + "input_layernorm.weight",)),
-            R(
-                att + "linear_qkv.weight",
-                "qkv_column",
-                tuple(f"{h}self_attn.{p}.weight" for p in qkv),
-            ),
-        ]
-        if cfg.qkv_bias:
-            rules.append(
-                R(
-                    att + "linear_qkv.bias",
-                    "qkv_column",
-                    tuple(f"{h}self_attn.{p}.bias" for p in qkv),
-                )
-            )
-        if cfg.qk_norm:
-            rules += [
-                R(att + "q_layernorm.weight", "replicated", (h + "self_attn.q_norm.weight",)),
-                R(att + "k_layernorm.weight", "replicated", (h + "self_attn.k_norm.weight",)),
-            ]
-        rules.append(R(att + "linear_proj.weight", "row", (h + "self_attn.o_proj.weight",), axis=1))
-        if not cfg.num_experts:
-            rules += [
-                R(
-                    m + "mlp.linear_fc1.layer_norm_weight",
-                    "replicated",
-                    (h + "post_attention_layernorm.weight",),
-                ),
-                R(
-                    m + "mlp.linear_fc1.weight",
-                    "gated_mlp_column",
-                    (h + "mlp.gate_proj.weight", h + "mlp.up_proj.weight"),
-                ),
-                R(m + "mlp.linear_fc2.weight", "row", (h + "mlp.down_proj.weight",), axis=1),
-            ]
-            continue
-        fc1, fc2 = (h + "mlp.experts.gate_up_proj",), (h + "mlp.experts.down_proj",)
-        rules += [
-            R(
-                m + "pre_mlp_layernorm.weight",
-                "replicated",
-                (h + "post_attention_layernorm.weight",),
-            ),
-            R(m + "mlp.router.weight", "replicated", (h + "mlp.gate.weight",)),
-        ]
-        if expert_layout == "grouped":
-            rules += [
-                R(m + "mlp.experts.linear_fc1.weight", "expert_column", fc1, axis=1),
-                R(m + "mlp.experts.linear_fc2.weight", "expert_row", fc2, axis=2),
-            ]
-            continue
-        for e in range(cfg.num_experts):
-            x = f"{m}mlp.experts.local_experts.{e}."
-            rules += [
-                R(x + "linear_fc1.weight", "expert_column", fc1, expert=e),
-                R(x + "linear_fc2.weight", "expert_row", fc2, axis=1, expert=e),
-            ]
-    rules.append(R("decoder.final_layernorm.weight", "replicated", ("model.norm.weight",)))
-    if not cfg.tie_word_embeddings:  # tied: the embedding is sent once, the tie restored on load
-        rules.append(R("output_layer.weight", "vocab_parallel", ("lm_head.weight",)))
-    return rules
-
-
-def megatron_name_map(
-    cfg: RefitModelConfig, expert_layout: str = "per_expert"
-) -> dict[str, tuple[str, ...]]:
-    """Megatron name -> the HF names it is made of."""
-    return {r.megatron: r.hf for r in tensor_rules(cfg, expert_layout)}
-
-
 # ---- canonical form <-> HF, canonical form <-> rank shards -----------------------------------
 
 
@@ -339,11 +215,36 @@ def canonical_from_hf(
         parts = [hf[n] if rule.expert is None else hf[n][rule.expert] for n in rule.hf]
     except KeyError as e:
         raise ValueError(f"tensor {rule.megatron!r}: HF state dict lacks {e.args[0]!r}") from None
+    if rule.transpose:
+        parts = [p.t() for p in parts]  # Conv1D [in, out] -> [out, in]
     if rule.role == "qkv_column":
+        if len(parts) == 1:
+            parts = list(
+                split_fused_qkv(parts[0], num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads)
+            )
         return megatron_qkv_from_hf(*parts, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads)
     if rule.role == "gated_mlp_column":
         return torch.cat(parts)  # [gate; up]
     return parts[0]  # HF's fused expert gate_up_proj is already [gate; up] per expert
+
+
+def hf_from_rule(
+    rule: TensorRule, t: torch.Tensor, cfg: RefitModelConfig
+) -> tuple[torch.Tensor, ...]:
+    """Inverse of :func:`canonical_from_hf` for a non-expert rule: its HF tensors in
+    ``rule.hf`` order."""
+    parts: tuple[torch.Tensor, ...]
+    if rule.role == "qkv_column":
+        parts = hf_qkv_from_megatron(t, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads)
+        if len(rule.hf) == 1:
+            parts = (torch.cat(parts),)  # HF's fused q|k|v
+    elif rule.role == "gated_mlp_column":
+        parts = tuple(t.chunk(2))  # canonical is the TP-1 layout [gate; up]
+    else:
+        parts = (t,)
+    if rule.transpose:
+        parts = tuple(p.t() for p in parts)  # [out, in] -> Conv1D [in, out]
+    return parts
 
 
 def shard_from_canonical(
@@ -486,23 +387,18 @@ def hf_from_canonical(
     tensor itself, so the tie survives loading."""
     out: dict[str, torch.Tensor] = {}
     per_expert: dict[str, dict[int, torch.Tensor]] = {}
-    for rule in tensor_rules(cfg, expert_layout):
+    rules = tensor_rules(cfg, expert_layout)
+    for rule in rules:
         if rule.megatron not in canonical:
             raise ValueError(f"tensor {rule.megatron!r}: missing from the refit")
         t = canonical[rule.megatron]
-        if rule.role == "qkv_column":
-            parts = hf_qkv_from_megatron(t, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads)
-            out.update(zip(rule.hf, parts, strict=True))
-        elif rule.role == "gated_mlp_column":
-            out.update(
-                zip(rule.hf, t.chunk(2), strict=True)
-            )  # canonical is the TP-1 layout [gate; up]
-        elif rule.expert is not None:
+        if rule.expert is not None:
             per_expert.setdefault(rule.hf[0], {})[rule.expert] = t
         else:
-            out[rule.hf[0]] = t
+            out.update(zip(rule.hf, hf_from_rule(rule, t, cfg), strict=True))
     for name, by_id in per_expert.items():
         out[name] = torch.stack([by_id[e] for e in range(cfg.num_experts)])  # [E, ...]
     if cfg.tie_word_embeddings:
-        out["lm_head.weight"] = out["model.embed_tokens.weight"]
+        embedding = next(r.hf[0] for r in rules if r.megatron == WORD_EMBEDDINGS)
+        out[LM_HEAD] = out[embedding]
     return out

@@ -1,1 +1,277 @@
-"""Conformance checks: refit.*"""
+"""Conformance checks: refit.*
+
+Each check builds the adapter's model (``build_model``) and receiver (``make_receiver`` with
+:class:`~mx_reference.refit.receiver.RefitReceiver`'s keyword arguments), lets reference trainer
+ranks publish weight versions, and compares what the receiver applied with the trainer's model
+at that version (:mod:`._refit_rig`). The receiver contract the checks use:
+``refit(version)`` returns the cycle's timing (``registrations``, ``bytes_allocated``,
+``bytes_pulled``), and ``close()``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from mx_reference import adapter as caps
+from mx_reference.graphs.ledger import diff_ledgers, module_address_ledger
+from mx_reference.refit.apply import model_digest, model_parameters
+from mx_reference.refit.descriptors import make_manifest
+from mx_reference.refit.layouts import RefitModelConfig, megatron_shards_from_hf
+from mx_reference.refit.planner import TargetLayout, assemble, plan_refit
+from mx_reference.refit.publisher import ALIGNMENT
+from mx_sim.conformance.checks._refit_rig import (
+    MODEL_ID,
+    Replica,
+    Trainers,
+    build,
+    check_cycle,
+    check_logits,
+    snapshot,
+    trainer_model,
+    trainer_params,
+)
+from mx_sim.conformance.registry import check
+from mx_sim.models import TinyModelSpec
+from mx_sim.refit_sim import pp_stage
+from mx_sim.transport import FaultPlan
+
+LLAMA = TinyModelSpec()  # GQA: 4 query heads in 2 groups
+UNEVEN = TinyModelSpec(intermediate_size=98)  # fc1 / fc2 rows 24, 24, 24, 26 at TP 4
+TIED = TinyModelSpec(tie_word_embeddings=True)
+
+
+def _cycles(
+    trainers: Trainers, model: torch.nn.Module, receiver: Any, versions: range
+) -> list[Any]:
+    """Publish and refit each version; check every tensor and the logits; return the timings."""
+    timings, previous = [], snapshot(model)
+    for v in versions:
+        trainers.publish(v)
+        before = snapshot(model)
+        timings.append(receiver.refit(v))
+        check_cycle(v, previous, before, model, trainer_params(trainers.kind, trainers.spec, v))
+        check_logits(v, model, trainers.kind, trainers.spec)
+        previous = snapshot(model)
+    return timings
+
+
+@check("refit.same_layout_bit_exact")
+def same_layout_bit_exact(adapter) -> None:
+    """Trainer TP1 -> receiver TP1 over 3 cycles: every tensor goes A -> B, logits match."""
+    with Trainers("llama", LLAMA) as trainers:
+        model = build(adapter, "llama", LLAMA)
+        _cycles(trainers, model, trainers.receiver(adapter, model), range(1, 4))
+
+
+@check("refit.warm_cycle_scratch", requires=(caps.MIXED_TP,))
+def warm_cycle_scratch(adapter) -> None:
+    """Trainer TP2 -> TP1 (strided row-parallel scratch): warm cycles allocate and register
+    nothing and still apply the new bytes."""
+    with Trainers("llama", LLAMA, tp=2) as trainers:
+        model = build(adapter, "llama", LLAMA)
+        cold, *warm = _cycles(trainers, model, trainers.receiver(adapter, model), range(1, 4))
+        plan = plan_refit(trainers.registry.manifests(MODEL_ID, 3), TargetLayout())
+        assert any(t.assembly == "scratch" for t in plan.tensors.values()), "no scratch piece"
+        if cold.registrations < 1 or cold.bytes_allocated <= 0:
+            raise AssertionError(
+                f"cold cycle reports {cold.registrations} registrations and "
+                f"{cold.bytes_allocated} bytes allocated; it must set up its buffers"
+            )
+        for v, t in enumerate(warm, start=2):
+            if (t.registrations, t.bytes_allocated) != (0, 0):
+                raise AssertionError(
+                    f"v{v} (warm): {t.registrations} registrations, {t.bytes_allocated} bytes "
+                    "allocated; an unchanged layout must reuse every buffer"
+                )
+
+
+def _slice_bytes(trainers: Trainers, target: TargetLayout) -> tuple[int, int]:
+    """What one target rank needs: bytes of its destination slices plus the whole source
+    shards its strided pieces are cut from, and how many buffers that is."""
+    manifests = trainers.registry.manifests(MODEL_ID, trainers.registry.discover(MODEL_ID)[0])
+    plan = plan_refit(manifests, target).require_complete()
+    shards = {(m.rank, d.name): d.nbytes for m in manifests for d in m.tensors}
+    scratch = {(p.src_rank, n) for n, t in plan.tensors.items() for p in t.pieces if not p.direct}
+    nbytes = sum(t.nbytes for t in plan.tensors.values()) + sum(shards[k] for k in scratch)
+    return nbytes, len(plan.tensors) + len(scratch)
+
+
+@check("refit.mixed_tp_wider", requires=(caps.MIXED_TP,))
+def mixed_tp_wider(adapter) -> None:
+    """Trainer TP2 -> a TP4 replica (2 KV groups, uneven last rank): each rank's buffers fit
+    its slices and every rank's model equals the trainer's."""
+    size = 4
+    with Trainers("llama", UNEVEN, tp=2) as trainers, Replica(size) as replica:
+
+        def setup(r: int) -> tuple[torch.nn.Module, Any]:
+            model = build(adapter, "llama", UNEVEN)
+            target = adapter.target_layout(
+                tp_size=size, tp_rank=r, pp_size=1, pp_rank=0, global_rank=r
+            )
+            return model, trainers.receiver(adapter, model, target, replica.groups[r])
+
+        ranks = replica.map(setup)
+        previous = [snapshot(m) for m, _ in ranks]
+        for v in (1, 2):
+            trainers.publish(v)
+            before = [snapshot(m) for m, _ in ranks]
+            timings = replica.map(lambda r: ranks[r][1].refit(v))  # noqa: B023
+            want = trainer_params("llama", UNEVEN, v)
+            for r, (model, _) in enumerate(ranks):
+                check_cycle(v, previous[r], before[r], model, want, who=f"TP rank {r}: ")
+            if v == 1:
+                for r, t in enumerate(timings):
+                    need, buffers = _slice_bytes(trainers, TargetLayout(tp_size=size, tp_rank=r))
+                    if t.bytes_allocated > need + buffers * ALIGNMENT:
+                        raise AssertionError(
+                            f"TP rank {r}: allocated {t.bytes_allocated} bytes for slices of "
+                            f"{need} bytes: a buffer is sized beyond its rank's extent"
+                        )
+            previous = [snapshot(m) for m, _ in ranks]
+
+
+@check("refit.pp_target_layout", requires=(caps.PIPELINE_PARALLEL,))
+def pp_target_layout(adapter) -> None:
+    """Inference TP2 x PP2: the reported layout places each rank's own TP slice, whatever its
+    global rank (TP-fastest after a controller rank, or PP-fastest)."""
+    spec, tp, pp = LLAMA, 2, 2
+    state = trainer_params("llama", spec, 1)
+    cfg = RefitModelConfig.from_hf(trainer_model("llama", spec, 1).config)
+    published = megatron_shards_from_hf(state, cfg, tp_size=1, tp_rank=0)
+    manifests = [make_manifest(MODEL_ID, 1, [d for d, _ in published])]
+    shards = {0: {d.name: t for d, t in published}}
+    orders = {
+        "TP-fastest after one controller rank": lambda p, t: 1 + p * tp + t,
+        "PP-fastest": lambda p, t: t * pp + p,
+    }
+    for order, global_rank in orders.items():
+        for p in range(pp):
+            for t in range(tp):
+                g = global_rank(p, t)
+                layout = adapter.target_layout(
+                    tp_size=tp, tp_rank=t, pp_size=pp, pp_rank=p, global_rank=g
+                )
+                got = assemble(plan_refit(manifests, layout).require_complete(), shards)
+                for d, shard in megatron_shards_from_hf(state, cfg, tp_size=tp, tp_rank=t):
+                    if pp_stage(d.name, cfg.num_layers, pp) != p:
+                        continue
+                    if not torch.equal(got[d.name], shard):
+                        raise AssertionError(
+                            f"{order}: rank tp={t} pp={p} (global {g}): {d.name}: the layout "
+                            f"places another rank's slice (layout reports {layout})"
+                        )
+
+
+@check("refit.tied_embeddings", requires=(caps.TIED_EMBEDDINGS,))
+def tied_embeddings(adapter) -> None:
+    """Tied embedding: pulled once (bytes pulled == bytes published), lm_head equals the
+    embedding and still shares its storage after every cycle."""
+    with Trainers("llama", TIED) as trainers:
+        model = build(adapter, "llama", TIED)
+        receiver = trainers.receiver(adapter, model)
+        previous = snapshot(model)
+        for v in (1, 2):
+            published = trainers.publish(v)
+            before = snapshot(model)
+            timing = receiver.refit(v)
+            check_cycle(v, previous, before, model, trainer_params("llama", TIED, v))
+            embed, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+            if head.untyped_storage().data_ptr() != embed.untyped_storage().data_ptr():
+                raise AssertionError(f"v{v}: lm_head no longer shares the embedding's storage")
+            if not torch.equal(head, embed):
+                raise AssertionError(f"v{v}: lm_head differs from the embedding")
+            if timing.bytes_pulled != published:
+                raise AssertionError(
+                    f"v{v}: pulled {timing.bytes_pulled} bytes of {published} published: "
+                    "each tensor must be pulled exactly once"
+                )
+            check_logits(v, model, "llama", TIED)
+            previous = snapshot(model)
+
+
+@check("refit.moe_expert_parallel", requires=(caps.MOE,))
+def moe_expert_parallel(adapter) -> None:
+    """Mixtral trainer EP2 -> receiver EP1 over 2 cycles: every expert lands in place."""
+    spec = TinyModelSpec()
+    with Trainers("mixtral", spec, ep=2) as trainers:
+        model = build(adapter, "mixtral", spec)
+        _cycles(trainers, model, trainers.receiver(adapter, model), range(1, 3))
+
+
+@check("refit.in_place_storage")
+def in_place_storage(adapter) -> None:
+    """Refit copies into the parameters: the address ledger a captured graph relies on is
+    unchanged after 2 cycles."""
+    with Trainers("llama", LLAMA) as trainers:
+        model = build(adapter, "llama", LLAMA)
+        ledger = module_address_ledger(model, backend=adapter.backend)
+        _cycles(trainers, model, trainers.receiver(adapter, model), range(1, 3))
+        diff = diff_ledgers(ledger, module_address_ledger(model, backend=adapter.backend))
+        if diff:
+            raise AssertionError(f"refit moved parameter storage: {diff}")
+
+
+@check("refit.mid_transfer_failure")
+def mid_transfer_failure(adapter) -> None:
+    """One of two trainer ranks fails its read mid-pull: a clear error, the model digest
+    unchanged, and the next version still applies."""
+    failing = FaultPlan(fail_on=1)  # the read it serves in cycle 2
+    with Trainers("llama", LLAMA, pp=2, faults={1: failing}) as trainers:
+        model = build(adapter, "llama", LLAMA)
+        receiver = trainers.receiver(adapter, model)
+        _cycles(trainers, model, receiver, range(1, 2))
+        trainers.publish(2)
+        digest = model_digest(model)
+        try:
+            receiver.refit(2)
+        except Exception as exc:  # any error type, as long as it says something
+            if not str(exc).strip():
+                raise AssertionError(
+                    f"failed cycle raised {type(exc).__name__} with no message"
+                ) from exc
+        else:
+            raise AssertionError("v2: a source's read failed mid-pull but refit raised nothing")
+        if model_digest(model) != digest:
+            raise AssertionError("v2 failed mid-pull yet the model changed: a partial apply")
+        trainers.publish(3)
+        before = snapshot(model)
+        receiver.refit(3)
+        check_cycle(3, before, before, model, trainer_params("llama", LLAMA, 3))
+
+
+@check("refit.load_weights_atomic")
+def load_weights_atomic(adapter) -> None:
+    """load_weights copies in place; a wrong shape or unknown name raises ValueError naming
+    the tensor, with the model untouched."""
+    model = build(adapter, "llama", LLAMA)
+    ledger = module_address_ledger(model, backend=adapter.backend)
+    previous = snapshot(model)
+    v1 = trainer_params("llama", LLAMA, 1)
+    adapter.load_weights(model, v1.items())
+    check_cycle(1, previous, previous, model, v1)
+    if diff := diff_ledgers(ledger, module_address_ledger(model, backend=adapter.backend)):
+        raise AssertionError(f"load_weights moved parameter storage: {diff}")
+    digest = model_digest(model)
+    v2 = list(trainer_params("llama", LLAMA, 2).items())
+    name, last = v2[-1]  # last: a loader that streams would have written the others
+    unknown = "model.layers.7.mlp.up_proj.weight"
+    bad = {
+        "shape": [*v2[:-1], (name, last[..., :-1])],
+        "unknown name": [*v2, (unknown, v2[0][1])],
+    }
+    for what, items in bad.items():
+        culprit = unknown if what == "unknown name" else name
+        try:
+            adapter.load_weights(model, items)
+        except ValueError as exc:
+            if culprit not in str(exc):
+                raise AssertionError(
+                    f"{what}: ValueError does not name {culprit!r}: {exc}"
+                ) from exc
+        else:
+            raise AssertionError(f"{what}: load_weights accepted a bad tensor {culprit!r}")
+        if model_digest(model) != digest:
+            raise AssertionError(f"{what}: load_weights failed but changed the model")
+    assert set(model_parameters(model)) == set(v1)

@@ -32,10 +32,12 @@ MATRIX: dict[str, tuple[TopologySpec, str, TinyModelSpec | None, bool]] = {
         False,
     ),
     "refit EP2->EP1 MoE": (TopologySpec(trainer_ep=2), "mixtral", None, False),
+    # GPT-2 ties lm_head to wte; vocab 200 pads to 256 at TP2, so both trainer ranks hold real
+    # embedding rows and the receiver merges the tied tensor from two shards
     "refit tied embeddings": (
         TopologySpec(trainer_tp=2),
-        "llama",
-        TinyModelSpec(tie_word_embeddings=True),
+        "gpt2",
+        TinyModelSpec(vocab_size=200),
         False,
     ),
     "refit fan-out 1->1->2": (TopologySpec(replicas=3), "llama", None, True),

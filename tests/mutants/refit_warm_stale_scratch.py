@@ -1,0 +1,28 @@
+"""Warm-cycle stale buffer: destination tensors filled through scratch (strided row-parallel
+slices) are cached after the cycle that allocated them and consumed as-is on the next cycle,
+without copying the new bytes out of scratch, so warm cycles apply the previous version's
+rows (seed 001, Dynamo PR #10901 review, bug 1: a buffer allocated this cycle but routed to
+the scratch path stayed in the cached ``plan_dests``)."""
+
+from __future__ import annotations
+
+from mx_reference.refit.receiver import RefitReceiver
+from mx_sim.adapters import ReferenceAdapter
+from mx_sim.backends import CpuMockBackend
+
+
+class StaleScratchReceiver(RefitReceiver):
+    def _assemble(self, plan, dest, scratch):
+        if scratch is not None and getattr(scratch, "assembled", False):
+            return {name: view for name, _, view in self._owned(plan, dest)}  # the bug
+        if scratch is not None:
+            scratch.assembled = True
+        return super()._assemble(plan, dest, scratch)
+
+
+class StaleScratchAdapter(ReferenceAdapter):
+    receiver_class = StaleScratchReceiver
+
+
+def factory() -> StaleScratchAdapter:
+    return StaleScratchAdapter(CpuMockBackend())

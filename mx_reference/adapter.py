@@ -109,7 +109,8 @@ class EngineAdapter(Protocol):
     def replay_graph(self, key: Any, inputs: Mapping[str, Any]) -> Any:
         """Replay ``key`` and return its captured output object, rewritten.
 
-        Inputs that no longer live where the capture read them are rejected with
+        Reads inputs where the capture read them: write new values in place. A graph's first
+        replay at least rejects inputs that moved to other memory with
         :class:`mx_reference.graphs.InputAddressError` naming their paths, before replaying.
         """
         ...

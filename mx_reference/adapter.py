@@ -79,7 +79,12 @@ class EngineAdapter(Protocol):
     def load_weights(
         self, model: torch.nn.Module, named_tensors: Iterable[tuple[str, torch.Tensor]]
     ) -> None:
-        """Copy HF-named tensors into ``model`` in place; all or nothing."""
+        """Copy HF-named tensors into ``model`` in place (``param.data.copy_``; storage
+        addresses unchanged); all or nothing.
+
+        A tensor with a wrong shape or dtype, or a name the model has no parameter for, raises
+        ``ValueError`` naming that tensor before any byte is written.
+        """
         ...
 
     def pause(self) -> None:
@@ -115,9 +120,7 @@ class EngineAdapter(Protocol):
         """
         ...
 
-    def make_codec(
-        self, channel: tuple[TensorSink, TensorSource] | None = None
-    ) -> tuple[Any, Any]:
+    def make_codec(self, channel: tuple[TensorSink, TensorSource] | None = None) -> tuple[Any, Any]:
         """``(encoder, decoder)`` over ``channel`` (a :meth:`make_channel` pair; default inline).
 
         ``encoder.encode(obj) -> list[frames]`` and ``decoder.decode(frames) -> obj`` must round
@@ -145,9 +148,19 @@ class EngineAdapter(Protocol):
     def target_layout(
         self, *, tp_size: int, tp_rank: int, pp_size: int, pp_rank: int, global_rank: int
     ) -> Any:
-        """The engine's own refit target layout, as the engine reports it."""
+        """This rank's refit target layout (a :class:`mx_reference.refit.TargetLayout`), as
+        the engine reports it: its TP position is ``tp_rank``, never derived from
+        ``global_rank`` (under pipeline parallelism, or with any rank offset, they differ)."""
         ...
 
     def make_receiver(self, model: torch.nn.Module, **kwargs: Any) -> Any:
-        """A refit receiver applying pulled weights into ``model``."""
+        """A refit receiver applying pulled weights into ``model``.
+
+        ``kwargs`` are :class:`mx_reference.refit.receiver.RefitReceiver`'s keyword arguments
+        (``transport``, ``registry``, ``config``, ``target``, ``model_config``, ``group``...).
+        The receiver's ``refit(version)`` applies that version in place, all or nothing (a
+        failed cycle raises with a message and leaves the model unchanged), and returns the
+        cycle's timing (``registrations``, ``bytes_allocated``, ``bytes_pulled``: zero setup on
+        a warm cycle with an unchanged layout); ``close()`` releases its buffers.
+        """
         ...

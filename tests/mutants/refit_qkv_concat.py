@@ -5,7 +5,7 @@ shared/reference/refit.md, user pain points: layout)."""
 
 from __future__ import annotations
 
-from mx_reference.refit.layouts import megatron_name_map
+from mx_reference.refit import megatron_name_map
 from mx_reference.refit.receiver import RefitReceiver
 from mx_sim.adapters import ReferenceAdapter
 from mx_sim.backends import CpuMockBackend

@@ -104,23 +104,25 @@ def mixed_tp_wider(adapter) -> None:
     its slices and every rank's model equals the trainer's."""
     size = 4
     with Trainers("llama", UNEVEN, tp=2) as trainers, Replica(size) as replica:
-
-        def setup(r: int) -> tuple[torch.nn.Module, Any]:
-            model = build(adapter, "llama", UNEVEN)
-            target = adapter.target_layout(
-                tp_size=size, tp_rank=r, pp_size=1, pp_rank=0, global_rank=r
+        models = [build(adapter, "llama", UNEVEN) for _ in range(size)]
+        receivers = [
+            trainers.receiver(
+                adapter,
+                model,
+                adapter.target_layout(tp_size=size, tp_rank=r, pp_size=1, pp_rank=0, global_rank=r),
+                replica.groups[r],
             )
-            return model, trainers.receiver(adapter, model, target, replica.groups[r])
-
-        ranks = replica.map(setup)
-        previous = [snapshot(m) for m, _ in ranks]
+            for r, model in enumerate(models)
+        ]
+        previous = [snapshot(m) for m in models]
         for v in (1, 2):
             trainers.publish(v)
-            before = [snapshot(m) for m, _ in ranks]
-            timings = replica.map(lambda r: ranks[r][1].refit(v))  # noqa: B023
+            before = [snapshot(m) for m in models]
+            timings = replica.map(lambda r: receivers[r].refit(v))  # noqa: B023
             want = trainer_params("llama", UNEVEN, v)
-            for r, (model, _) in enumerate(ranks):
+            for r, model in enumerate(models):
                 check_cycle(v, previous[r], before[r], model, want, who=f"TP rank {r}: ")
+            check_logits(v, models[-1], "llama", UNEVEN)
             if v == 1:
                 for r, t in enumerate(timings):
                     need, buffers = _slice_bytes(trainers, TargetLayout(tp_size=size, tp_rank=r))
@@ -129,7 +131,7 @@ def mixed_tp_wider(adapter) -> None:
                             f"TP rank {r}: allocated {t.bytes_allocated} bytes for slices of "
                             f"{need} bytes: a buffer is sized beyond its rank's extent"
                         )
-            previous = [snapshot(m) for m, _ in ranks]
+            previous = [snapshot(m) for m in models]
 
 
 @check("refit.pp_target_layout", requires=(caps.PIPELINE_PARALLEL,))

@@ -36,8 +36,15 @@ def adapter_spec(config) -> str | None:
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "mx_check(id): a conformance check with its feature id")
-    if adapter_spec(config) is None:
+    spec = adapter_spec(config)
+    if spec is None:
         return
+    from mx_sim.conformance.runner import load_factory
+
+    try:  # one clear usage error, not the same error once per check
+        load_factory(spec)
+    except ValueError as exc:
+        raise pytest.UsageError(str(exc)) from exc
     config._mx_results = {}
     if config.args_source == pytest.Config.ArgsSource.ARGS:
         config.args.append(str(SUITE))

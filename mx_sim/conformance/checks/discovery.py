@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -45,7 +46,7 @@ def _expect_exact_cover(
     loose = [h.tensor for h in find_hidden_accel_tensors(model, backend or adapter.backend)]
     published = adapter.discover_tensors(model, backend)
     # Names are read after discovery: adopted hidden tensors are buffers by then.
-    named = [*model.named_parameters(remove_duplicate=False)]
+    named: list[tuple[str, torch.Tensor]] = [*model.named_parameters(remove_duplicate=False)]
     named += model.named_buffers(remove_duplicate=False)
     errors = coverage_errors(published, named, loose, is_accel)
     # The oracle names a tensor by address; say which module tensor lives there.
@@ -128,7 +129,7 @@ def manifest_deterministic(adapter) -> None:
             raise AssertionError(f"{what}: two builds gave manifest digests {first} and {second}")
 
 
-def _fp8_post_load(model: nn.Module) -> None:
+def _fp8_post_load(model: Any) -> None:
     """Post-load processing shaped like FP8 quantization: a per-tensor scale per projection
     assigned as a bare attribute, and input scales held by a plain quant-config object."""
     for layer in model.model.layers:

@@ -9,6 +9,7 @@ with an independently built model holding the new weights.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -18,7 +19,7 @@ from mx_sim.conformance.registry import check
 from mx_sim.models import build_tiny_model
 from mx_sim.scenarios.graphs import llama_prefill
 
-TOLERANCE = {"rtol": 1e-5, "atol": 1e-5}  # replays may pick other kernels than eager on CUDA
+RTOL = ATOL = 1e-5  # replays may pick other kernels than eager on CUDA
 
 
 def _prefill(adapter, model: torch.nn.Module):
@@ -35,7 +36,7 @@ def _prefill(adapter, model: torch.nn.Module):
 
 
 def _expect_close(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
-    if not torch.allclose(got, want, **TOLERANCE):
+    if not torch.allclose(got, want, rtol=RTOL, atol=ATOL):
         worst = (got - want).abs().max().item()
         raise AssertionError(f"{what}: replay differs from eager by up to {worst:.3g}")
 
@@ -52,7 +53,7 @@ def replay_matches_eager(adapter) -> None:
     ids.copy_((ids * 3 + 1) % model.config.vocab_size)  # new tokens, same memory
     replayed = adapter.replay_graph("prefill", inputs)
     _expect_close(replayed, eager(), "new tokens")
-    if torch.allclose(replayed, first, **TOLERANCE):
+    if torch.allclose(replayed, first, rtol=RTOL, atol=ATOL):
         raise AssertionError("replay with new tokens returned the old logits")
     if replayed is not output:
         raise AssertionError("replay must rewrite the output object the capture returned")
@@ -98,7 +99,7 @@ class _AttnMetadata:
     kv_lens: torch.Tensor  # (batch,)
 
 
-def _decode_step(inputs) -> torch.Tensor:
+def _decode_step(inputs: dict[str, Any]) -> torch.Tensor:
     """(batch, 8) hidden in, (batch, 8) out; reads both metadata tensors."""
     meta = inputs["attn_metadata"]
     return inputs["hidden"] * meta.seq_lens.unsqueeze(1) + meta.kv_lens.unsqueeze(1)
@@ -123,7 +124,7 @@ def moved_input_rejected(adapter) -> None:
     """Replay with an input that moved is rejected with InputAddressError naming its path."""
     device = adapter.backend.torch_device()
     meta = _AttnMetadata(torch.tensor([2.0, 3.0], device=device), torch.ones(2, device=device))
-    inputs = {"hidden": torch.ones(2, 8, device=device), "attn_metadata": meta}
+    inputs: dict[str, Any] = {"hidden": torch.ones(2, 8, device=device), "attn_metadata": meta}
     adapter.capture_graph("decode", _decode_step, inputs)
     kv_lens = meta.kv_lens
     meta.kv_lens = kv_lens.clone()  # same values, new memory: the graph would read the old
@@ -148,5 +149,5 @@ def refit_in_place(adapter) -> None:
     adapter.load_weights(model, new_model.named_parameters())
     got = adapter.replay_graph("prefill", inputs)
     _expect_close(got, expected, "after refit")
-    if torch.allclose(got, old, **TOLERANCE):
+    if torch.allclose(got, old, rtol=RTOL, atol=ATOL):
         raise AssertionError("replay after refit returned the old weights' logits")

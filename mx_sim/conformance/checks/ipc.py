@@ -163,7 +163,7 @@ def shared_round_trip(adapter) -> None:
     """The shared channel carries large tensors by handle, zero-copy and bit-exact."""
     channel = adapter.make_channel("shared")
     sink, _ = channel
-    message = {"large": _large(0), "small": torch.ones(3), "text": "hello"}
+    message: dict[str, Any] = {"large": _large(0), "small": torch.ones(3), "text": "hello"}
     frames = _expect_round_trip(adapter, message, channel)
     sent = len(message["large"])
     if len(frames) != 1 or sink.sent != sent:

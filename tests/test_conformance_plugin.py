@@ -1,0 +1,130 @@
+"""The conformance suite as a pytest plugin (``--mx-adapter``) and as ``mx-sim conformance``.
+
+Each pytester run is a whole in-process pytest session, so there are few, narrowed with ``-k``
+to checks that build no HF model: an in-process run drops the modules it imported, and
+``transformers``' lazy submodules do not survive that.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mx_sim.cli import main
+from mx_sim.conformance.registry import all_checks
+
+pytest_plugins = ["pytester"]
+
+# Register the checks before any pytester run: an in-process run drops the modules it imported,
+# and a registry imported afresh would not see check modules its package still holds.
+all_checks()
+
+REFERENCE = "mx_sim.adapters:reference_adapter"
+ABORT_MUTANT = "mutants.ipc_abort_string_iterated:factory"
+
+
+def test_reference_passes_prints_table_and_writes_report(pytester):
+    report = pytester.path / "out" / "report.json"
+    report.parent.mkdir()
+    result = pytester.runpytest_inprocess(
+        f"--mx-adapter={REFERENCE}", f"--mx-report={report}", "-k", "ipc"
+    )
+    result.assert_outcomes(passed=7)
+    result.stdout.fnmatch_lines(
+        [
+            "*mx-harness conformance, per feature*",
+            "feature*passed*failed*skipped*xfailed*xpassed",
+            "discovery*0*0*0*0*0",
+            "ipc*7*0*0*0*0",
+            "graphs*0*0*0*0*0",
+            f"JSON report: {report}",
+        ]
+    )
+    data = json.loads(report.read_text())
+    assert data["ok"] and data["adapter"] == REFERENCE
+    statuses = {c["id"]: c["status"] for c in data["checks"]}
+    assert len(statuses) == 7 and set(statuses.values()) == {"passed"}
+    assert statuses["ipc.abort_request_ids"] == "passed"
+
+
+def test_adapter_from_environment(pytester, monkeypatch):
+    monkeypatch.setenv("MX_ADAPTER", ABORT_MUTANT)
+    result = pytester.runpytest_inprocess("-k", "abort_request_ids")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        ["*abort('req-1') freed 5 tensors (4 left)*a str is one request id*"]
+    )
+
+
+def test_expected_failures_file(pytester):
+    xfails = pytester.makefile(
+        ".txt",
+        xfails="\n".join(
+            [
+                "# our abort is known broken",
+                "ipc.abort_request_ids: vLLM PR 32104 not fixed here yet",
+                "ipc.codec_round_trip: claimed broken, but it passes",  # strict: XPASS fails
+                "ipc.no_such_check: renamed long ago",  # stale: warns
+            ]
+        ),
+    )
+    result = pytester.runpytest_inprocess(
+        f"--mx-adapter={ABORT_MUTANT}", f"--mx-xfails={xfails}", "-k", "ipc", "-rxX"
+    )
+    result.assert_outcomes(
+        passed=5, xfailed=1, failed=1, warnings=result.parseoutcomes()["warnings"]
+    )
+    result.stdout.fnmatch_lines(
+        [
+            "*[[]XPASS(strict)[]] claimed broken, but it passes*",
+            "*'ipc.no_such_check' matches no conformance check*",
+            "ipc*5*1*0*1*0",  # passed failed skipped xfailed xpassed: a strict XPASS fails
+            "*XFAIL*ipc.abort_request_ids*vLLM PR 32104 not fixed here yet*",
+        ]
+    )
+
+
+def test_undeclared_capability_is_skipped_with_its_reason(pytester):
+    pytester.makepyfile(
+        partial_adapter="""
+        from mx_reference import adapter as caps
+        from mx_sim.adapters import ReferenceAdapter
+        from mx_sim.backends import CpuMockBackend
+
+        class NoGraphs(ReferenceAdapter):
+            capabilities = caps.CAPABILITIES - {caps.CUDA_GRAPHS}
+
+        def factory():
+            return NoGraphs(CpuMockBackend())
+        """
+    )
+    pytester.syspathinsert()
+    result = pytester.runpytest_inprocess(
+        "--mx-adapter=partial_adapter:factory", "-k", "graphs", "-rs"
+    )
+    result.assert_outcomes(skipped=4)
+    result.stdout.fnmatch_lines(["*SKIPPED*adapter does not declare capability cuda_graphs*"])
+
+
+def test_bad_adapter_spec_is_one_usage_error(pytester):
+    result = pytester.runpytest_inprocess("--mx-adapter=no_such_module:factory")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    errors = [line for line in result.errlines if "no_such_module" in line]
+    assert errors == [
+        "ERROR: adapter spec 'no_such_module:factory': cannot import 'no_such_module' "
+        "(No module named 'no_such_module')"
+    ]
+
+
+def test_cli_exit_status_reference_zero_mutant_one(capsys, tmp_path):
+    report = tmp_path / "r.json"
+    args = ["conformance", "-k", "ipc.", "--report", str(report), "--adapter"]
+    assert main([*args, REFERENCE]) == 0
+    assert "0 of 7 checks failed" in capsys.readouterr().out
+    assert json.loads(report.read_text())["ok"] is True
+    assert main([*args, ABORT_MUTANT]) == 1
+    out = capsys.readouterr().out
+    assert "FAILED   ipc.abort_request_ids" in out and "1 of 7 checks failed" in out
+    assert main(["conformance", "--adapter", "no_colon"]) == 2
+    assert "must look like pkg.module:factory" in capsys.readouterr().err

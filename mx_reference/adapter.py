@@ -141,8 +141,9 @@ class EngineAdapter(Protocol):
 
     def make_request_tracker(self, ttl_s: float = 60.0) -> Any:
         """Request-scoped bookkeeping with the :class:`mx_reference.ipc.TensorBuffer` API:
-        ``add(key, tensor, request_id)``, ``len()`` (tensors buffered), and ``abort(request_ids)`` taking one
-        ``str`` id or a collection of ids and returning how many tensors it freed."""
+        ``add(key, tensor, request_id)``, ``len()`` (tensors buffered), and
+        ``abort(request_ids)`` taking one ``str`` id or a collection of ids and returning how
+        many tensors it freed."""
         ...
 
     def target_layout(

@@ -134,8 +134,9 @@ class EngineAdapter(Protocol):
         """``(sink, source)`` ends of an IPC buffer channel, ``kind`` ``inline`` or ``shared``.
 
         ``shared`` takes :class:`mx_reference.ipc.SharedChannelConfig` fields as ``options``;
-        its sink counts ``sent`` tensors and ``fallbacks`` by reason, its source checks dtype
-        and shape on arrival and has ``poll()`` and ``abort(request_ids)``.
+        its sink counts ``sent`` tensors and ``fallbacks`` by reason and works with
+        :func:`mx_reference.ipc.request_scope`; its source checks dtype and shape on arrival
+        (:class:`~mx_reference.ipc.DecodeError`) and has ``poll()`` and ``abort(request_ids)``.
         """
         ...
 

@@ -52,3 +52,19 @@ def backend_case(request):
 @pytest.fixture
 def mock_backend() -> CpuMockBackend:
     return CpuMockBackend()
+
+
+MUTANT_TEST = "test_conformance_mutants.py::test_mutant_is_caught["
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The mutants' score: one line, counted on the controller (also under xdist)."""
+    reports = [
+        r
+        for status in ("passed", "failed")
+        for r in terminalreporter.stats.get(status, [])
+        if r.when == "call" and MUTANT_TEST in r.nodeid
+    ]
+    if reports:
+        caught = sum(r.passed for r in reports)
+        terminalreporter.write_line(f"conformance: {caught}/{len(reports)} mutants caught")

@@ -24,6 +24,7 @@ FEATURES = ("discovery", "ipc", "graphs")
 MUTANTS = {
     "discovery_start_pointer_dedup": ("discovery", {"discovery.hard_cases"}),
     "discovery_ignores_backend": ("discovery", {"discovery.backend_predicate"}),
+    "discovery_tie_sent_twice": ("discovery", {"discovery.tied_once"}),
     "ipc_abort_string_iterated": ("ipc", {"ipc.abort_request_ids"}),
     "graphs_capture_without_postprocess": ("graphs", {"graphs.postprocess_restores_inputs"}),
 }

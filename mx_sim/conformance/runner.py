@@ -39,15 +39,16 @@ def load_factory(spec: str) -> Callable[[], object]:
 
 
 def read_xfails(path: Path) -> dict[str, str]:
-    """Expected failures as data: one ``check.id: reason`` per line, ``#`` comments.
+    """Expected failures as data: one ``check.id: reason`` per line; lines starting with ``#``
+    are comments (a ``#`` inside a reason, as in "vLLM #32104", is kept).
 
     An entry names a check id or a prefix of ids (``refit.moe``). Entries that match no check
     are reported with a warning by :func:`run_checks`.
     """
     entries: dict[str, str] = {}
     for number, raw in enumerate(path.read_text().splitlines(), start=1):
-        line = raw.split("#", 1)[0].strip()
-        if not line:
+        line = raw.strip()
+        if not line or line.startswith("#"):
             continue
         check_id, sep, reason = line.partition(":")
         if not sep or not check_id.strip():

@@ -41,7 +41,7 @@ def check(check_id: str, *, requires: tuple[str, ...] = ()) -> Callable[[CheckFn
     assert check_id not in CHECKS, f"duplicate check id {check_id}"
 
     def register(fn: CheckFn) -> CheckFn:
-        doc = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
+        doc = " ".join((fn.__doc__ or "").strip().split("\n\n")[0].split())  # first paragraph
         CHECKS[check_id] = Check(check_id, fn, frozenset(requires), doc)
         return fn
 

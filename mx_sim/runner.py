@@ -142,9 +142,9 @@ def write_performance_page(results: Sequence[BenchResult], out_dir: Path, page: 
 
 
 def bench_table(results: Sequence[BenchResult]) -> str:
-    lines = ["| benchmark | goal met | metrics | goals |", "|---|---|---|---|"]
+    lines = ["| benchmark | goal met | metrics | goals | notes |", "|---|---|---|---|---|"]
     for r in results:
         metrics = "<br>".join(f"{k} = {v:.4g}" for k, v in r.metrics.items())
         goals = "<br>".join(f"{k}: {v}" for k, v in r.goals.items())
-        lines.append(f"| {r.name} | {'yes' if r.met else 'NO'} | {metrics} | {goals} |")
+        lines.append(f"| {r.name} | {'yes' if r.met else 'NO'} | {metrics} | {goals} | {r.notes} |")
     return "\n".join(lines) + "\n"

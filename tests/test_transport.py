@@ -22,17 +22,17 @@ from mx_reference.transport import (
 )
 from mx_reference.transport.nixl import nixl_available
 
-KINDS = [
-    "sim",
-    pytest.param("nixl", marks=pytest.mark.skipif(not nixl_available(), reason="no nixl wheel")),
-]
+NO_NIXL = pytest.mark.skipif(not nixl_available(), reason="no nixl wheel")
+KINDS = ["sim", pytest.param("nixl", marks=NO_NIXL), pytest.param("nixl-pull-only", marks=NO_NIXL)]
 N = 1 << 16
 
 
 @pytest.fixture(params=KINDS)
 def pair(request):
-    """(reader, source, peer name, source tensor, reader tensor), both registered."""
-    src_t, dst_t = make_transport(request.param, "src"), make_transport(request.param, "dst")
+    """(reader, source, peer name, source tensor, reader tensor), both registered. A source
+    serves reads, so it always keeps NIXL's progress thread."""
+    src_kind = "nixl" if request.param == "nixl-pull-only" else request.param
+    src_t, dst_t = make_transport(src_kind, "src"), make_transport(request.param, "dst")
     src = torch.arange(N, dtype=torch.int32).to(torch.uint8)  # [N]
     dst = torch.zeros(N, dtype=torch.uint8)  # [N]
     src_t.register([src])
@@ -153,6 +153,10 @@ def test_handle_state_machine_and_release_order(pair):
 def test_notifications_and_deadline(pair):
     t, src_t, peer, _, _ = pair
     src_t.add_remote(t.metadata())
+    if getattr(t, "config", None) and not t.config.progress_thread:
+        with pytest.raises(ValueError, match="send_notif needs NIXL's progress thread"):
+            t.send_notif(peer, b"hello-1")
+        return
     t.send_notif(peer, b"hello-1")
     t.send_notif(peer, b"other")
     assert src_t.wait_notif("dst", b"hello", timeout=10) == b"hello-1"

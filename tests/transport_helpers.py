@@ -31,10 +31,12 @@ PICK = [1, 3, 4, 9, 15]
 def make_transport(kind: str, name: str, faults: FaultPlan | None = None) -> Transport:
     if kind == "sim":
         return SimTransport(name, faults)
-    from mx_reference.transport.nixl import NixlTransport
+    from mx_reference.transport.nixl import NixlConfig, NixlTransport
 
     assert faults is None, "faults are injected through SimTransport only"
-    return NixlTransport(name, CpuMockBackend())
+    # "nixl-pull-only": an agent without NIXL's progress thread, progressing inside wait
+    config = NixlConfig(progress_thread=kind != "nixl-pull-only")
+    return NixlTransport(name, CpuMockBackend(), config)
 
 
 def source_bytes() -> torch.Tensor:

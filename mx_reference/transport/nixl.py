@@ -53,11 +53,15 @@ class NixlConfig:
     ``ucx_env`` is applied (without overriding the user's environment) before nixl is imported.
     ``error_handling_mode`` is the UCX plugin parameter: keep the default ("peer") unless
     ``UCX_TLS`` restricts UCX to transports without peer-failure support (``sm,self`` needs
-    "none").
+    "none"). ``progress_thread`` is NIXL's background progress thread: an agent that serves
+    reads or sends standalone notifications (a publisher, a replica) needs it; a pull-only
+    agent progresses inside ``wait`` and can turn it off, so the thread does not spin on a
+    core the copies need (notifications then ride on its reads: ``pull(..., notif=)``).
     """
 
     backend: str = "UCX"
     num_threads: int = 0
+    progress_thread: bool = True
     error_handling_mode: str | None = None
     ucx_env: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_UCX_ENV))
 
@@ -97,7 +101,11 @@ class NixlTransport(Transport):
         apply_ucx_env(self.config.ucx_env)
         api = importlib.import_module("nixl._api")
         self._bindings = importlib.import_module("nixl._bindings")
-        cfg = api.nixl_agent_config(backends=[], num_threads=self.config.num_threads)
+        cfg = api.nixl_agent_config(
+            enable_prog_thread=self.config.progress_thread,
+            backends=[],
+            num_threads=self.config.num_threads,
+        )
         with self._nixl_errors("create agent"):
             self._agent = api.nixl_agent(name, cfg)
             params = self._agent.get_plugin_params(self.config.backend)
@@ -178,6 +186,11 @@ class NixlTransport(Transport):
             self._agent.release_xfer_handle(h.impl)
 
     def _send_notif(self, agent: str, msg: bytes) -> None:
+        if not self.config.progress_thread:
+            raise ValueError(
+                f"{self.name}: send_notif needs NIXL's progress thread (progress_thread=False "
+                "leaves a standalone notification unsent); attach it to a pull with notif="
+            )
         with self._nixl_errors("send_notif"):
             self._agent.send_notif(agent, msg)
 

@@ -137,15 +137,19 @@ def malformed_frames(adapter) -> None:
     """Every malformed frame list raises DecodeError, and nothing else."""
     for what, frames in _malformed(adapter).items():
         _, decoder = adapter.make_codec()
-        try:
-            decoder.decode(frames)
-        except DecodeError:
-            continue
-        except Exception as exc:
-            raise AssertionError(
-                f"decoding {what} raised {type(exc).__name__} ({exc}), not DecodeError"
-            ) from exc
-        raise AssertionError(f"decoding {what} succeeded; it must raise DecodeError")
+        _expect_decode_error(decoder, frames, f"decoding {what}")
+
+
+def _expect_decode_error(decoder: Any, frames: list, what: str) -> None:
+    try:
+        decoder.decode(frames)
+    except DecodeError:
+        return
+    except Exception as exc:
+        raise AssertionError(
+            f"{what} raised {type(exc).__name__} ({exc}), not DecodeError"
+        ) from exc
+    raise AssertionError(f"{what} succeeded; it must raise DecodeError")
 
 
 def _large(seed: int) -> dict[str, torch.Tensor]:
@@ -195,16 +199,7 @@ def shared_checks_dtype_shape(adapter) -> None:
         channel = adapter.make_channel("shared")
         encoder, decoder = adapter.make_codec(channel)
         frames = _retag(encoder.encode(torch.ones(64)), field, value)
-        try:
-            decoder.decode(frames)
-        except DecodeError:
-            continue
-        except Exception as exc:
-            raise AssertionError(
-                f"a float32 (64,) tensor declared as {what} raised {type(exc).__name__}, "
-                "not DecodeError"
-            ) from exc
-        raise AssertionError(f"a float32 (64,) tensor declared as {what} was accepted")
+        _expect_decode_error(decoder, frames, f"decoding a float32 (64,) tensor declared as {what}")
 
 
 def _expect_frees(tracker: Any, ids: Any, expected: int, left: int) -> None:

@@ -5,13 +5,16 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+REFIT_PHASES = ("alloc", "register", "pull", "translate", "verify", "apply")
+"""The refit cycle phases reports show, in cycle order (each with its seconds)."""
+
 
 @dataclass
 class ScenarioResult:
     """One row of the ``mx-sim run`` table.
 
-    ``timings`` holds per-phase seconds (for refit: alloc, register, pull, translate, apply,
-    total), summed or listed per cycle in ``details`` as the scenario sees fit.
+    ``timings`` holds per-phase seconds (for refit: :data:`REFIT_PHASES` and ``total``), summed
+    or listed per cycle in ``details`` as the scenario sees fit.
     """
 
     name: str

@@ -10,10 +10,9 @@ from pathlib import Path
 
 from mx_sim.bench import BENCH_MODULES
 from mx_sim.plots import bars, stacked_bars
-from mx_sim.report import BenchResult, ScenarioResult
+from mx_sim.report import REFIT_PHASES, BenchResult, ScenarioResult
 
 SCENARIO_MODULES = ("discovery", "ipc", "refit", "graphs")
-REFIT_PHASES = ("alloc", "register", "pull", "translate", "apply")
 
 
 def run_scenarios(

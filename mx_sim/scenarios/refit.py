@@ -14,10 +14,10 @@ from pathlib import Path
 from mx_reference.refit.planner import IncompleteRefitPlan
 from mx_sim.models import TinyModelSpec
 from mx_sim.refit_sim import RefitRunResult, plan_topology, run_topology
-from mx_sim.report import ScenarioResult
+from mx_sim.report import REFIT_PHASES, ScenarioResult
 from mx_sim.topology import TopologySpec
 
-PHASES = ("alloc", "register", "pull", "translate", "verify", "apply", "total")
+PHASES = (*REFIT_PHASES, "total")
 
 # name -> (topology, model kind, model spec, replica fan-out)
 MATRIX: dict[str, tuple[TopologySpec, str, TinyModelSpec | None, bool]] = {

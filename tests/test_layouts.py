@@ -21,7 +21,15 @@ from mx_reference.refit import (
     tp_range,
     vocab_range,
 )
-from mx_reference.refit.layouts import qkv_segments
+from mx_reference.refit.apply import Regrouped, StagedTensors, apply_in_place, check_staged
+from mx_reference.refit.layouts import (
+    canonical_from_hf,
+    hf_from_canonical,
+    hf_qkv_groups_from_megatron,
+    qkv_segments,
+)
+from mx_reference.refit.name_maps import tensor_rules
+from mx_reference.refit.publisher import shard_digest
 
 
 def rows(n: int, start: int = 0) -> torch.Tensor:
@@ -59,6 +67,65 @@ def test_qkv_round_trip_mha_gqa_mqa(groups, per_group, head_dim, hidden, bias):
     assert qkv.shape[0] == (h + 2 * g) * head_dim
     out = hf_qkv_from_megatron(qkv, num_heads=h, num_kv_heads=g)
     assert all(torch.equal(a, b) for a, b in zip(out, (q, k, v), strict=True))
+
+
+@given(
+    groups=st.sampled_from([1, 2, 4]),
+    per_group=st.sampled_from([1, 2, 3]),
+    head_dim=st.integers(1, 3),
+    hidden=st.integers(1, 4),
+    transposed_param=st.booleans(),
+)
+def test_qkv_regrouped_views_apply_exactly_like_the_copy(
+    groups, per_group, head_dim, hidden, transposed_param
+):
+    h, g = groups * per_group, groups
+    qkv = torch.randn((h + 2 * g) * head_dim, hidden)
+    copies = hf_qkv_from_megatron(qkv, num_heads=h, num_kv_heads=g)
+    views = hf_qkv_groups_from_megatron(qkv, num_heads=h, num_kv_heads=g)
+    for view, copy in zip(views, copies, strict=True):
+        assert view.untyped_storage().data_ptr() == qkv.untyped_storage().data_ptr()
+        lazy = Regrouped(view, copy.shape)
+        assert torch.equal(lazy.materialize(), copy)
+        # a non-contiguous parameter (stored transposed) takes the materialized copy
+        param = torch.zeros(copy.shape[::-1]).t() if transposed_param else torch.zeros(copy.shape)
+        lazy.copy_into(param)
+        assert torch.equal(param, copy)
+
+
+def test_staged_tensors_defer_the_qkv_copy_to_apply():
+    cfg = RefitModelConfig(
+        num_layers=1, hidden_size=6, num_heads=4, num_kv_heads=2, head_dim=2,
+        intermediate_size=4, vocab_size=10, vocab_divisible_by=2,
+    )  # fmt: skip
+    hf = synthetic_hf(cfg)
+    canonical = {r.megatron: canonical_from_hf(r, hf, cfg) for r in tensor_rules(cfg, "per_expert")}
+    staged = hf_from_canonical(canonical, cfg)
+    qkv = canonical["decoder.layers.0.self_attention.linear_qkv.weight"]
+    q = "model.layers.0.self_attn.q_proj.weight"
+    entry = staged.entries[q]
+    assert isinstance(entry, Regrouped)
+    assert entry.source.untyped_storage().data_ptr() == qkv.untyped_storage().data_ptr()
+    assert set(staged) == set(hf) and all(torch.equal(staged[n], hf[n]) for n in hf)
+    params = {n: torch.zeros_like(t) for n, t in hf.items()}
+    addresses = {n: t.data_ptr() for n, t in params.items()}
+    wrong = StagedTensors(dict(staged.entries, **{q: Regrouped(entry.source, torch.Size((4, 12)))}))
+    with pytest.raises(ValueError, match=f"{q}: staged shape"):
+        check_staged(params, wrong)
+    assert all(not t.any() for t in params.values())
+    apply_in_place(params, staged)
+    assert all(torch.equal(params[n], hf[n]) for n in hf)
+    assert {n: t.data_ptr() for n, t in params.items()} == addresses
+
+
+@given(
+    split=st.lists(st.integers(0, 4), min_size=1, max_size=4),
+    other=st.integers(1, 4),
+    axis=st.sampled_from([0, 1]),
+)
+def test_shard_digest_of_pieces_is_the_digest_of_their_concatenation(split, other, axis):
+    pieces = [torch.randn((n, other) if axis == 0 else (other, n)) for n in split]
+    assert shard_digest(*pieces, axis=axis) == shard_digest(torch.cat(pieces, axis))
 
 
 def test_qkv_with_more_ranks_than_kv_heads_replicates_kv():

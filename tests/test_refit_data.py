@@ -10,7 +10,7 @@ import torch
 
 from mx_reference.backends import CudaBackend
 from mx_reference.graphs.ledger import diff_ledgers, module_address_ledger
-from mx_reference.refit.apply import check_staged, model_digest, model_parameters
+from mx_reference.refit.apply import Regrouped, check_staged, model_digest, model_parameters
 from mx_reference.refit.layouts import megatron_shards_from_hf
 from mx_reference.refit.poller import EngineGate, RefitPoller
 from mx_reference.refit.publisher import PublisherConfig, RefitPublisher
@@ -90,6 +90,23 @@ def test_row_parallel_scratch_pieces_are_rewritten_every_cycle(rig_factory):
         state = rig.version_state(version)
         o_proj = "model.layers.0.self_attn.o_proj.weight"
         assert torch.equal(rig.receiver.params[o_proj], state[o_proj])
+
+
+def test_matched_layout_translates_into_views_and_apply_makes_the_only_copy(rig_factory):
+    rig = rig_factory()  # TP1 -> TP1, two KV groups: q, k and v are strided in the pulled QKV
+    rig.publish(1)
+    staged = rig.receiver.stage(1)
+    (dest,) = [a for key, a in rig.receiver.buffers._arenas.items() if key[0] == "dest"]
+    pulled = dest.buffer.untyped_storage().data_ptr()
+    entries = staged.tensors.entries
+    assert any(isinstance(e, Regrouped) for e in entries.values())
+    for name, entry in entries.items():
+        source = entry.source if isinstance(entry, Regrouped) else entry
+        assert source.untyped_storage().data_ptr() == pulled, name
+    rig.receiver.commit(staged)
+    state = rig.version_state(1)
+    for name, param in rig.receiver.params.items():
+        assert torch.equal(param, state[name]), name
 
 
 @pytest.mark.parametrize(

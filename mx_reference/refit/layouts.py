@@ -21,6 +21,7 @@ from functools import partial
 import msgspec
 import torch
 
+from mx_reference.refit.apply import Regrouped, StagedTensors
 from mx_reference.refit.descriptors import EXPERT_ROLES, GATED_ROLES, ShardDescriptor, dtype_name
 from mx_reference.refit.name_maps import (
     LM_HEAD,
@@ -145,20 +146,26 @@ def megatron_qkv_from_hf(
     return torch.cat(groups, dim=1).reshape((h + 2 * g) * d, *rest)  # [(H+2G)·D, ...]
 
 
-def hf_qkv_from_megatron(
+def hf_qkv_groups_from_megatron(
     qkv: torch.Tensor, *, num_heads: int, num_kv_heads: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Inverse of :func:`megatron_qkv_from_hf`: ``(q, k, v)``."""
+    """``(q, k, v)`` of Megatron's ``linear_qkv`` grouped per query group, as views of ``qkv``:
+    ``[G, p·D, ...]``, ``[G, D, ...]``, ``[G, D, ...]``."""
     h, g = num_heads, num_kv_heads
     _check_heads(h, g)
     if qkv.shape[0] % (h + 2 * g):
         raise ValueError(f"linear_qkv rows {qkv.shape[0]} not a multiple of H+2G={h + 2 * g}")
-    d, p, rest = qkv.shape[0] // (h + 2 * g), h // g, qkv.shape[1:]
-    x = qkv.reshape(g, (p + 2) * d, *rest)  # [G, (p+2)·D, ...]
-    q = x[:, : p * d].reshape(h * d, *rest)
-    k = x[:, p * d : (p + 1) * d].reshape(g * d, *rest)
-    v = x[:, (p + 1) * d :].reshape(g * d, *rest)
-    return q, k, v
+    d, p = qkv.shape[0] // (h + 2 * g), h // g
+    x = qkv.reshape(g, (p + 2) * d, *qkv.shape[1:])  # [G, (p+2)·D, ...]
+    return x[:, : p * d], x[:, p * d : (p + 1) * d], x[:, (p + 1) * d :]
+
+
+def hf_qkv_from_megatron(
+    qkv: torch.Tensor, *, num_heads: int, num_kv_heads: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`megatron_qkv_from_hf`: ``(q, k, v)``."""
+    q, k, v = hf_qkv_groups_from_megatron(qkv, num_heads=num_heads, num_kv_heads=num_kv_heads)
+    return q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1)
 
 
 def split_fused_qkv(
@@ -230,14 +237,19 @@ def canonical_from_hf(
 
 def hf_from_rule(
     rule: TensorRule, t: torch.Tensor, cfg: RefitModelConfig
-) -> tuple[torch.Tensor, ...]:
+) -> tuple[torch.Tensor | Regrouped, ...]:
     """Inverse of :func:`canonical_from_hf` for a non-expert rule: its HF tensors in
-    ``rule.hf`` order."""
+    ``rule.hf`` order. Separate q, k and v come back :class:`Regrouped` views of ``t``."""
     parts: tuple[torch.Tensor, ...]
     if rule.role == "qkv_column":
-        parts = hf_qkv_from_megatron(t, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads)
-        if len(rule.hf) == 1:
-            parts = (torch.cat(parts),)  # HF's fused q|k|v
+        groups = hf_qkv_groups_from_megatron(
+            t, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads
+        )
+        if len(rule.hf) == 3:
+            assert not rule.transpose, rule  # no model stores separate q, k, v transposed
+            rest = t.shape[1:]
+            return tuple(Regrouped(g, torch.Size((g.shape[0] * g.shape[1], *rest))) for g in groups)
+        parts = (torch.cat([g.flatten(0, 1) for g in groups]),)  # HF's fused q|k|v
     elif rule.role == "gated_mlp_column":
         parts = tuple(t.chunk(2))  # canonical is the TP-1 layout [gate; up]
     else:
@@ -247,15 +259,21 @@ def hf_from_rule(
     return parts
 
 
+def shard_pieces(
+    d: ShardDescriptor, full: torch.Tensor, tp: int, rank: int, *, vocab_divisible_by: int = 128
+) -> list[torch.Tensor]:
+    """Rank ``rank``'s Megatron shard of the canonical tensor ``full`` (spec ``d``) as views of
+    ``full``, in order: concatenated along ``d.shard_axis`` they are the shard."""
+    segs = rank_segments(d, tp, rank, vocab_divisible_by=vocab_divisible_by) or [(0, 0)]
+    return [full.narrow(d.shard_axis, lo, hi - lo) for lo, hi in segs]
+
+
 def shard_from_canonical(
     d: ShardDescriptor, full: torch.Tensor, tp: int, rank: int, *, vocab_divisible_by: int = 128
 ) -> torch.Tensor:
     """Rank ``rank``'s Megatron shard of the canonical tensor ``full`` (spec ``d``)."""
-    if d.role in GATED_ROLES:
-        gate, up = full.chunk(2, dim=d.shard_axis)
-        return megatron_fc1_shards_from_hf(gate, up, tp=tp, dim=d.shard_axis)[rank]
-    segs = rank_segments(d, tp, rank, vocab_divisible_by=vocab_divisible_by) or [(0, 0)]
-    return torch.cat([full.narrow(d.shard_axis, lo, hi - lo) for lo, hi in segs], d.shard_axis)
+    pieces = shard_pieces(d, full, tp, rank, vocab_divisible_by=vocab_divisible_by)
+    return torch.cat(pieces, d.shard_axis)
 
 
 def canonical_from_shards(
@@ -382,10 +400,11 @@ def canonical_from_ranks(
 
 def hf_from_canonical(
     canonical: Mapping[str, torch.Tensor], cfg: RefitModelConfig, expert_layout: str = "per_expert"
-) -> dict[str, torch.Tensor]:
+) -> StagedTensors:
     """Canonical Megatron tensors -> the HF state dict; a tied ``lm_head`` is the embedding
-    tensor itself, so the tie survives loading."""
-    out: dict[str, torch.Tensor] = {}
+    tensor itself, so the tie survives loading. Tensors that are only regrouped views of the
+    canonical ones stay :class:`Regrouped` in ``.entries`` until read or applied."""
+    out: dict[str, torch.Tensor | Regrouped] = {}
     per_expert: dict[str, dict[int, torch.Tensor]] = {}
     rules = tensor_rules(cfg, expert_layout)
     for rule in rules:
@@ -401,4 +420,4 @@ def hf_from_canonical(
     if cfg.tie_word_embeddings:
         embedding = next(r.hf[0] for r in rules if r.megatron == WORD_EMBEDDINGS)
         out[LM_HEAD] = out[embedding]
-    return out
+    return StagedTensors(out)

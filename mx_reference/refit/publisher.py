@@ -57,10 +57,16 @@ def decode_endpoint(data: bytes) -> Endpoint:
         raise ValueError(f"manifest agent_metadata is not a refit Endpoint: {exc}") from None
 
 
-def shard_digest(t: torch.Tensor) -> str:
-    """Hex SHA-256 of a shard's bytes, the convention of ``ShardDescriptor.digest``."""
-    data = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8)
-    return hashlib.sha256(data.numpy().tobytes()).hexdigest()
+def shard_digest(*pieces: torch.Tensor, axis: int = 0) -> str:
+    """Hex SHA-256 of a shard's bytes, the convention of ``ShardDescriptor.digest``. A shard
+    given as pieces is hashed as their concatenation along ``axis``; along axis 0 that is
+    their bytes one after the other, so contiguous pieces are hashed where they lie."""
+    if axis != 0 and len(pieces) > 1:
+        pieces = (torch.cat(pieces, axis),)
+    h = hashlib.sha256()
+    for piece in pieces:
+        h.update(piece.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().data)
+    return h.hexdigest()
 
 
 class ManifestSink(Protocol):

@@ -10,11 +10,12 @@ A cycle (:meth:`RefitReceiver.refit`, or :meth:`stage` then :meth:`commit`):
 4. **pull**: one READ per source with every descriptor pair (coalesced); strided pieces
    (row-parallel, axis 1) read the whole source shard into scratch;
 5. **translate**: copy scratch pieces into place, all-gather the replica's slices, merge them
-   into canonical Megatron tensors and translate those to HF names and layouts;
+   into canonical Megatron tensors and translate those to HF names and layouts, as views
+   (:class:`~mx_reference.refit.apply.Regrouped` where the HF shape is none, like q, k, v);
 6. **verify**: the names assembled are exactly the names published, and every source shard
    re-cut from the assembled tensors has the digest its publisher announced;
-7. **apply** atomically and in place (:mod:`~mx_reference.refit.apply`), then the post-load
-   hook, exactly once.
+7. **apply** atomically and in place (:mod:`~mx_reference.refit.apply`), copying those views
+   straight into the parameters, then the post-load hook, exactly once.
 
 Why gather Megatron-layout slices rather than HF shards: the publishers' digests are over their
 Megatron shards, so only the source layout lets a replica verify every byte it received; and
@@ -26,8 +27,10 @@ rank's failure becomes a clear error on every rank instead of a hang in the gath
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
@@ -35,7 +38,13 @@ import torch
 import torch.distributed as dist
 
 from mx_reference.backends import AcceleratorBackend, resolve_backend
-from mx_reference.refit.apply import apply_in_place, check_staged, model_parameters
+from mx_reference.refit.apply import (
+    Regrouped,
+    StagedTensors,
+    apply_in_place,
+    check_staged,
+    model_parameters,
+)
 from mx_reference.refit.descriptors import ShardDescriptor, SourceManifest, name_digest
 from mx_reference.refit.gather import all_gather_shards, vote
 from mx_reference.refit.layouts import (
@@ -44,7 +53,7 @@ from mx_reference.refit.layouts import (
     canonical_from_shards,
     hf_from_canonical,
     megatron_name_map,
-    shard_from_canonical,
+    shard_pieces,
 )
 from mx_reference.refit.planner import PlanCache, RefitPlan, TargetLayout
 from mx_reference.refit.publisher import ALIGNMENT, decode_endpoint, shard_digest
@@ -95,7 +104,7 @@ class StagedVersion:
     """A verified version ready to apply: HF tensors by parameter name."""
 
     version: int
-    tensors: dict[str, torch.Tensor]
+    tensors: StagedTensors
     canonical: dict[str, torch.Tensor]
     timing: CycleTiming
 
@@ -198,6 +207,7 @@ class RefitReceiver:
         self.group, self.directory, self.post_load = group, directory, post_load
         self.owns = owns or (lambda name: True)
         self.params = model_parameters(model)
+        self._aliases = {n for n, _ in model.named_parameters(remove_duplicate=False)}
         names = megatron_name_map(model_config, config.expert_layout)
         dtype = {n: str(p.dtype).removeprefix("torch.") for n, p in self.params.items()}
         # every Megatron tensor takes the dtype of the HF parameters it is made of
@@ -267,7 +277,7 @@ class RefitReceiver:
             raise RefitError(f"v{version}: another rank of this replica failed; nothing applied")
         t0 = time.perf_counter()
         canonical = self._gather(plan, local)
-        tensors = self._translate(canonical)
+        tensors = StagedTensors(self._translate(canonical))
         timing.translate += time.perf_counter() - t0
         t0 = time.perf_counter()
         self.verify(manifests, canonical, tensors)
@@ -309,25 +319,27 @@ class RefitReceiver:
         if name_digest(sorted(canonical)) != name_digest(published):
             extra = sorted(set(canonical) ^ set(published))
             raise RefitError(f"name sequence digest mismatch: {extra[:5]} differ")
-        for m in manifests:
-            for d in m.tensors:
-                if not d.digest:
-                    continue
-                full = canonical[d.name]
-                if d.grouped:
-                    full = full[d.expert_ids[0] : d.expert_ids[-1] + 1]
-                shard = shard_from_canonical(
-                    d,
-                    full,
-                    m.tp_size,
-                    m.tp_rank,
-                    vocab_divisible_by=self.target.vocab_divisible_by,
+
+        def digest(signed_shard: tuple[SourceManifest, ShardDescriptor]) -> str:
+            m, d = signed_shard
+            full = canonical[d.name]
+            if d.grouped:
+                full = full[d.expert_ids[0] : d.expert_ids[-1] + 1]
+            pieces = shard_pieces(
+                d, full, m.tp_size, m.tp_rank, vocab_divisible_by=self.target.vocab_divisible_by
+            )
+            return shard_digest(*pieces, axis=d.shard_axis)
+
+        signed = [(m, d) for m in manifests for d in m.tensors if d.digest]
+        # hashlib drops the GIL while hashing, so threads spread the hashing over the cores
+        with ThreadPoolExecutor(os.cpu_count()) as pool:
+            found = list(pool.map(digest, signed))
+        for (m, d), got in zip(signed, found, strict=True):
+            if got != d.digest:
+                raise RefitError(
+                    f"{d.name}: content digest mismatch against source rank {m.rank} "
+                    f"(v{m.version}): corrupted or stale bytes"
                 )
-                if shard_digest(shard) != d.digest:
-                    raise RefitError(
-                        f"{d.name}: content digest mismatch against source rank {m.rank} "
-                        f"(v{m.version}): corrupted or stale bytes"
-                    )
         check_staged(self.params, tensors)
 
     def _discover(self, version: int, timing: CycleTiming) -> list[SourceManifest]:
@@ -467,15 +479,17 @@ class RefitReceiver:
             spec, shards, vocab_divisible_by=self.target.vocab_divisible_by
         )
 
-    def _translate(self, canonical: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Canonical Megatron -> HF tensors for this model's parameters, on its device."""
+    def _translate(
+        self, canonical: Mapping[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor | Regrouped]:
+        """Canonical Megatron -> HF tensors for this model's parameters, on its device; views
+        of ``canonical`` wherever possible (apply makes the copies)."""
         hf = hf_from_canonical(canonical, self.model_config, self.config.expert_layout)
-        aliases = {n for n, _ in self.model.named_parameters(remove_duplicate=False)}
-        out = {}
-        for name, t in hf.items():
+        out: dict[str, torch.Tensor | Regrouped] = {}
+        for name, t in hf.entries.items():
             if name in self.params:
                 out[name] = t.to(self.params[name].device)
-            elif name not in aliases:
+            elif name not in self._aliases:
                 raise RefitError(f"{name}: translated tensor has no parameter in the model")
         return out
 

@@ -181,7 +181,7 @@ def backend_for(device: str | torch.device) -> AcceleratorBackend:
 
     ``cuda`` maps to :class:`CudaBackend` without probing (a CPU-only planner may describe CUDA
     targets). Other families need an available ``torch.<type>`` module. ``cpu`` is not an
-    accelerator: the simulator passes ``mx_sim.backends.CpuMockBackend`` explicitly.
+    accelerator: the simulator passes ``mx_sim.cpu_mock.CpuMockBackend`` explicitly.
     """
     try:
         device_type = torch.device(device).type

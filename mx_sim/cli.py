@@ -1,4 +1,4 @@
-"""``mx-sim``: the simulator's command line.
+"""``mx-sim``: the simulator's command line (argparse only; :mod:`mx_sim.commands` runs them).
 
 - ``mx-sim run``: the main job. Runs the default scenario matrix (discovery, multi-producer IPC,
   the refit matrix, graph capture across a refit) on CPU and writes ``report.json``,
@@ -14,7 +14,9 @@ import sys
 from pathlib import Path
 
 from mx_sim.bench import BENCH_MODULES
-from mx_sim.runner import SCENARIO_MODULES
+from mx_sim.commands import SCENARIO_MODULES
+from mx_sim.refit.faults import FAULTS
+from mx_sim.sim_transport import TRANSPORTS
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -47,11 +49,18 @@ def _positive(text: str) -> int:
     return value
 
 
+def _fault(text: str) -> str:
+    kind = text.split(":")[0]
+    if kind not in FAULTS:
+        raise argparse.ArgumentTypeError(f"unknown fault {kind!r}; choose from {', '.join(FAULTS)}")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="mx-sim", description=__doc__.split("\n\n")[0])
-    commands = parser.add_subparsers(dest="command", parser_class=OneLineParser)
+    sub = parser.add_subparsers(dest="command", parser_class=OneLineParser)
 
-    run = commands.add_parser(
+    run = sub.add_parser(
         "run",
         help="run the default scenario matrix (the main job)",
         epilog="Any topology option (--model, --trainer-*, --inference-*, --replicas) replaces the "
@@ -67,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quick", action="store_true", help="a smaller matrix, for smoke tests")
     run.add_argument(
         "--transport",
-        choices=("sim", "nixl"),
+        choices=TRANSPORTS,
         default="sim",
         help="refit data plane: the simulated transport (default) or real NIXL over UCX",
     )
@@ -79,8 +88,17 @@ def build_parser() -> argparse.ArgumentParser:
             )
     run.add_argument("--replicas", type=_positive, default=None, help="receiver replicas")
     run.add_argument("--cycles", type=_positive, default=3, help="refit cycles per scenario")
+    run.add_argument(
+        "--fault",
+        type=_fault,
+        default=None,
+        metavar="KIND[:CYCLE[:RANK]]",
+        help=f"run one refit fault instead of the matrix ({', '.join(FAULTS)}); on the custom "
+        "topology if one is given, else TP2->TP2; default cycle 2, trainer rank 0 or the last "
+        "receiver rank",
+    )
 
-    bench = commands.add_parser("bench", help="run the benchmarks, write JSON and plots")
+    bench = sub.add_parser("bench", help="run the benchmarks, write JSON and plots")
     bench.add_argument(
         "--out", type=Path, default=Path("docs/perf"), help="results directory (JSON, plots)"
     )
@@ -95,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--page", type=Path, default=None, help="also write a markdown page (docs/performance.md)"
     )
 
-    conformance = commands.add_parser("conformance", help="run the adapter conformance suite")
+    conformance = sub.add_parser("conformance", help="run the adapter conformance suite")
     conformance.add_argument("--adapter", required=True, help="pkg.module:factory")
     conformance.add_argument("--report", type=Path, default=None, help="JSON report path")
     conformance.add_argument("--xfail", type=Path, default=None, help="expected-failures file")
@@ -109,25 +127,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    from mx_sim import commands
+
+    handlers = {
+        "run": commands.run_main,
+        "bench": commands.bench_main,
+        "conformance": commands.conformance_main,
+    }
     try:
-        if args.command == "run":
-            from mx_sim.scenarios.matrix import run_main
-
-            return run_main(args)
-        if args.command == "bench":
-            from mx_sim.runner import run_benchmarks, write_performance_page
-
-            results = run_benchmarks(args.only, args.out, args.quick)
-            if args.page:
-                write_performance_page(results, args.out, args.page)
-            missed = [r.name for r in results if not r.met]
-            print(f"[mx-sim bench] {len(results) - len(missed)}/{len(results)} goals met")
-            return 0
-        from mx_sim.conformance.runner import run_conformance
-
-        return run_conformance(
-            args.adapter, report=args.report, xfail=args.xfail, keyword=args.keyword
-        )
+        return handlers[args.command](args)
     except ValueError as exc:
         print(f"mx-sim: error: {exc}", file=sys.stderr)
         return 2

@@ -9,7 +9,7 @@ import torch
 from hypothesis import HealthCheck, settings
 
 from mx_reference.backends import CudaBackend
-from mx_sim.backends import CpuMockBackend
+from mx_sim.cpu_mock import CpuMockBackend
 
 settings.register_profile("dev", max_examples=50, deadline=None)
 settings.register_profile(

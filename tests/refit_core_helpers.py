@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import torch
 
-from mx_reference.refit import (
+from mx_reference.refit.layouts import (
     RefitModelConfig,
-    TargetLayout,
-    assemble,
     canonical_from_ranks,
     hf_from_canonical,
-    make_manifest,
     megatron_shards_from_hf,
-    plan_refit,
 )
+from mx_reference.refit.planner import TargetLayout, assemble, plan_refit
+from mx_reference.refit.wire import make_manifest
 
 
 def synthetic_hf(cfg: RefitModelConfig, *, dtype=torch.float32, seed: int = 0) -> dict:

@@ -9,7 +9,7 @@ from mx_reference.backends import (
     resolve_backend,
     supported_device_types,
 )
-from mx_sim.backends import CpuMockBackend
+from mx_sim.cpu_mock import CpuMockBackend
 
 
 def test_every_backend_satisfies_the_protocol():

@@ -8,7 +8,7 @@ import pytest
 
 from mx_sim import cli
 from mx_sim.report import ScenarioResult
-from mx_sim.scenarios import matrix
+from mx_sim.scenarios import discovery
 
 
 @pytest.mark.parametrize(
@@ -61,10 +61,10 @@ def test_quick_run_writes_reports_and_plots(tmp_path, capsys):
 
 
 def test_a_failed_scenario_fails_the_run(tmp_path, monkeypatch, capsys):
-    def broken(name, args):
-        return [ScenarioResult(name=f"{name}/broken", passed=False, detail="boom")]
+    def broken(out_dir, quick):
+        return [ScenarioResult(name="discovery/broken", passed=False, detail="boom")]
 
-    monkeypatch.setattr(matrix, "_run_scenario", broken)
+    monkeypatch.setattr(discovery, "run", broken)
     out = tmp_path / "out"
     assert cli.main(["run", "--scenarios", "discovery", "--out", str(out)]) == 1
     assert "| discovery/broken | FAIL |" in (out / "report.md").read_text()

@@ -9,7 +9,7 @@ import pathlib
 import pytest
 
 from mx_reference import adapter as caps
-from mx_sim.conformance.runner import run_checks
+from mx_sim.conformance.run_checks import run_checks
 
 EXAMPLE = pathlib.Path(__file__).parents[1] / "docs" / "examples" / "toy_engine_adapter.py"
 

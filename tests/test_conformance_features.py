@@ -12,11 +12,11 @@ from hypothesis import strategies as st
 
 from mx_reference import adapter as caps
 from mx_reference.ipc import Decoder, Encoder
-from mx_sim.adapters import ReferenceAdapter, reference_adapter
-from mx_sim.backends import CpuMockBackend
+from mx_sim.conformance.adapters import ReferenceAdapter, reference_adapter
+from mx_sim.conformance.catalog import all_checks
 from mx_sim.conformance.checks import ipc
-from mx_sim.conformance.registry import all_checks
-from mx_sim.conformance.runner import run_checks
+from mx_sim.conformance.run_checks import run_checks
+from mx_sim.cpu_mock import CpuMockBackend
 
 FEATURES = ("discovery", "ipc", "graphs")
 

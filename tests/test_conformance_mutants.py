@@ -9,8 +9,8 @@ import pkgutil
 import mutants
 import pytest
 
-from mx_sim.adapters import reference_adapter
-from mx_sim.conformance.runner import run_checks
+from mx_sim.conformance.adapters import reference_adapter
+from mx_sim.conformance.run_checks import run_checks
 
 MUTANTS = sorted(m.name for m in pkgutil.iter_modules(mutants.__path__))
 

@@ -12,7 +12,7 @@ import json
 import pytest
 
 from mx_sim.cli import main
-from mx_sim.conformance.registry import all_checks
+from mx_sim.conformance.catalog import all_checks
 
 pytest_plugins = ["pytester"]
 
@@ -20,7 +20,7 @@ pytest_plugins = ["pytester"]
 # and a registry imported afresh would not see check modules its package still holds.
 all_checks()
 
-REFERENCE = "mx_sim.adapters:reference_adapter"
+REFERENCE = "mx_sim.conformance.adapters:reference_adapter"
 ABORT_MUTANT = "mutants.ipc_abort_string_iterated:factory"
 
 
@@ -89,8 +89,8 @@ def test_undeclared_capability_is_skipped_with_its_reason(pytester):
     pytester.makepyfile(
         partial_adapter="""
         from mx_reference import adapter as caps
-        from mx_sim.adapters import ReferenceAdapter
-        from mx_sim.backends import CpuMockBackend
+        from mx_sim.conformance.adapters import ReferenceAdapter
+        from mx_sim.cpu_mock import CpuMockBackend
 
         class NoGraphs(ReferenceAdapter):
             capabilities = caps.CAPABILITIES - {caps.CUDA_GRAPHS}

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from mx_reference import adapter as caps
-from mx_sim.adapters import ReferenceAdapter, reference_adapter
-from mx_sim.backends import CpuMockBackend
-from mx_sim.conformance.registry import all_checks
-from mx_sim.conformance.runner import load_factory, run_checks
+from mx_sim.conformance.adapters import ReferenceAdapter, reference_adapter
+from mx_sim.conformance.catalog import all_checks
+from mx_sim.conformance.run_checks import load_factory, run_checks
+from mx_sim.cpu_mock import CpuMockBackend
 
 # mutant module -> the check that must catch it (others may too)
 MUTANTS = {

@@ -20,7 +20,7 @@ from mx_reference.discovery import (
     iter_module_tensors,
     storage_view,
 )
-from mx_sim.backends import CpuMockBackend
+from mx_sim.cpu_mock import CpuMockBackend
 from mx_sim.scenarios.discovery import coverage_errors
 
 

@@ -20,8 +20,8 @@ from mx_reference.discovery import (
     discover,
     find_hidden_accel_tensors,
 )
-from mx_sim.backends import CpuMockBackend
-from mx_sim.models import build_tiny_model
+from mx_sim.cpu_mock import CpuMockBackend
+from mx_sim.fixtures import build_tiny_model
 from mx_sim.scenarios import discovery as scenario
 from mx_sim.scenarios.discovery import (
     SyntheticConfig,

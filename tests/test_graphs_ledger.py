@@ -23,7 +23,7 @@ from mx_reference.graphs import (
     extract_tensor_addresses,
     module_address_ledger,
 )
-from mx_sim.backends import CpuMockBackend
+from mx_sim.cpu_mock import CpuMockBackend
 
 CPU = CpuMockBackend()
 Pair = namedtuple("Pair", ["a", "b"])

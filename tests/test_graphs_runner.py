@@ -19,7 +19,7 @@ from mx_reference.graphs import (
     SimulatedMemoryError,
     module_address_ledger,
 )
-from mx_sim.backends import CpuMockBackend
+from mx_sim.cpu_mock import CpuMockBackend
 
 
 @dataclass

@@ -8,28 +8,28 @@ from hypothesis import given
 from hypothesis import strategies as st
 from refit_core_helpers import roundtrip, synthetic_hf
 
-from mx_reference.refit import (
+from mx_reference.refit.apply import apply_in_place, check_staged
+from mx_reference.refit.layouts import (
     RefitModelConfig,
+    Regrouped,
+    StagedTensors,
+    canonical_from_hf,
     global_expert_id,
+    hf_from_canonical,
     hf_gate_up_from_megatron,
     hf_qkv_from_megatron,
+    hf_qkv_groups_from_megatron,
     megatron_fc1_shards_from_hf,
     megatron_name_map,
     megatron_qkv_from_hf,
     megatron_shards_from_hf,
     padded_vocab_size,
+    qkv_segments,
     tp_range,
     vocab_range,
 )
-from mx_reference.refit.apply import Regrouped, StagedTensors, apply_in_place, check_staged
-from mx_reference.refit.layouts import (
-    canonical_from_hf,
-    hf_from_canonical,
-    hf_qkv_groups_from_megatron,
-    qkv_segments,
-)
 from mx_reference.refit.name_maps import tensor_rules
-from mx_reference.refit.publisher import shard_digest
+from mx_reference.refit.wire import shard_digest
 
 
 def rows(n: int, start: int = 0) -> torch.Tensor:
@@ -160,7 +160,7 @@ def test_global_expert_id():
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "mixtral"])
 def test_name_map_covers_the_real_hf_state_dict(kind):
-    from mx_sim.models import TinyModelSpec, build_tiny_model
+    from mx_sim.fixtures import TinyModelSpec, build_tiny_model
 
     model = build_tiny_model(kind, TinyModelSpec(tie_word_embeddings=kind == "qwen2"))
     cfg = RefitModelConfig.from_hf(model.config)
@@ -185,7 +185,7 @@ def test_tied_embeddings_are_sent_once_and_the_tie_restored():
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "mixtral"])
 @pytest.mark.parametrize(("src_tp", "dst_tp"), [(2, 1), (1, 4), (2, 8)])
 def test_real_hf_model_round_trip_is_bit_identical(kind, src_tp, dst_tp):
-    from mx_sim.models import TinyModelSpec, build_tiny_model
+    from mx_sim.fixtures import TinyModelSpec, build_tiny_model
 
     spec = TinyModelSpec(num_heads=8, num_kv_heads=2, tie_word_embeddings=kind == "qwen2")
     model = build_tiny_model(kind, spec)

@@ -9,18 +9,17 @@ from hypothesis import given
 from hypothesis import strategies as st
 from refit_core_helpers import publish_all, roundtrip, synthetic_hf
 
-from mx_reference.refit import (
+from mx_reference.refit.layouts import RefitModelConfig, tp_range
+from mx_reference.refit.planner import (
     IncompleteRefitPlan,
+    Piece,
     PlanCache,
-    RefitModelConfig,
-    ShardDescriptor,
     TargetLayout,
     assemble,
-    make_manifest,
+    merge_adjacent,
     plan_refit,
-    tp_range,
 )
-from mx_reference.refit.planner import Piece, coalesce
+from mx_reference.refit.wire import ShardDescriptor, make_manifest
 
 
 def sharded(rank, size, extent=2048, *, axis=0, rng=None, dtype="bfloat16", **kw):
@@ -29,7 +28,7 @@ def sharded(rank, size, extent=2048, *, axis=0, rng=None, dtype="bfloat16", **kw
     rng = rng or tp_range(extent, size, rank)
     local = list(shape)
     local[axis] = rng[1] - rng[0]
-    fields = {"role": "row" if axis else "column", "placement": "shard"} | kw
+    fields = {"style": "row" if axis else "column", "placement": "shard"} | kw
     d = ShardDescriptor(
         name="w",
         global_shape=shape,
@@ -88,11 +87,11 @@ def test_pieces_bytes_match_their_views():
         )
 
 
-def test_coalesce_merges_only_pieces_adjacent_on_both_sides():
+def test_merge_adjacent_merges_only_pieces_adjacent_on_both_sides():
     a = Piece(0, "w", 0, (0, 2), (0, 2))
     b = Piece(0, "w", 0, (2, 4), (2, 4))
     c = Piece(0, "w", 0, (6, 8), (4, 6))
-    assert coalesce([a, b, c]) == [Piece(0, "w", 0, (0, 4), (0, 4)), c]
+    assert merge_adjacent([a, b, c]) == [Piece(0, "w", 0, (0, 4), (0, 4)), c]
 
 
 def test_target_rank_comes_from_the_reported_layout_not_the_global_rank():
@@ -197,6 +196,23 @@ def test_plan_cache_hits_across_versions_and_rebuilds_on_layout_change():
     resharded, _ = publish_all(hf, cfg, tp=1, version=3)
     assert cache.get(resharded, target, cfg) is not first
     assert cache.misses == 3 and len(cache._plans) == 2
+
+
+def test_plan_cache_hit_refuses_a_mixed_version_set():
+    # rank 0 at v2 and rank 1 at v1 is no version at all: plan_refit refuses it, and so must a
+    # cache that already holds the plan of a consistent set with the same layout
+    cfg = RefitModelConfig(1, 8, 4, 2, 2, 6, 64)
+    hf = synthetic_hf(cfg)
+    v1, _ = publish_all(hf, cfg, tp=2, version=1)
+    v2, _ = publish_all(hf, cfg, tp=2, version=2)
+    mixed = [v2[0], v1[1]]
+    with pytest.raises(ValueError, match="field 'version': 1 != 2"):
+        plan_refit(mixed, TargetLayout())
+    cache = PlanCache()
+    cache.get(v1, TargetLayout(), cfg)
+    with pytest.raises(ValueError, match="field 'version': 1 != 2"):
+        cache.get(mixed, TargetLayout(), cfg)
+    assert (cache.hits, cache.misses) == (0, 1)
 
 
 # ---- the property test -----------------------------------------------------------------------

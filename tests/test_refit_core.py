@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mx_reference.refit import (
+from mx_reference.refit.wire import (
     SCHEMA_VERSION,
     ShardDescriptor,
     decode_manifest,
@@ -28,19 +28,19 @@ def desc(**kw) -> ShardDescriptor:
 @pytest.mark.parametrize(
     ("kw", "field"),
     [
-        ({"role": "diagonal"}, "role"),
+        ({"style": "diagonal"}, "style"),
         ({"placement": "sideways"}, "placement"),
         ({"dtype": "float13"}, "dtype"),
         (
-            {"role": "column", "placement": "shard", "shard_range": (4, 10), "nbytes": 96},
+            {"style": "column", "placement": "shard", "shard_range": (4, 10), "nbytes": 96},
             "shard_range",
         ),
-        ({"role": "column", "placement": "shard", "shard_range": (2, 2)}, "shard_range"),
+        ({"style": "column", "placement": "shard", "shard_range": (2, 2)}, "shard_range"),
         ({"nbytes": 0}, "nbytes"),
         ({"name": "__mx_v2_meta__"}, "name"),
         ({"shard_axis": 2}, "shard_axis"),
-        ({"role": "qkv_column", "num_heads": 4, "num_kv_heads": 3}, "num_kv_heads"),
-        ({"role": "expert_row", "expert_ids": (), "num_experts": 4}, "expert_ids"),
+        ({"style": "qkv_column", "num_heads": 4, "num_kv_heads": 3}, "num_kv_heads"),
+        ({"style": "expert_row", "expert_ids": (), "num_experts": 4}, "expert_ids"),
         ({"expert_ids": (1,), "num_experts": 4}, "expert_ids"),
     ],
 )
@@ -50,7 +50,7 @@ def test_bad_descriptor_raises_naming_tensor_and_field(kw, field):
 
 
 def test_gated_range_is_along_each_half():
-    d = desc(role="gated_mlp_column", placement="shard", shard_range=(1, 3), nbytes=4 * 4 * 4)
+    d = desc(style="gated_mlp_column", placement="shard", shard_range=(1, 3), nbytes=4 * 4 * 4)
     assert d.local_shape == (4, 4) and d.segments() == [(1, 3), (5, 7)]
 
 
@@ -65,7 +65,7 @@ def test_manifest_round_trip(rows, cols, cut, version, agent):
     lo = min(cut, rows - 1)
     d = desc(
         global_shape=(rows, cols),
-        role="column",
+        style="column",
         placement="shard",
         shard_range=(lo, rows),
         nbytes=(rows - lo) * cols * 4,
@@ -115,5 +115,5 @@ def test_manifest_cross_field_checks():
         make_manifest("m", 1, [desc()], tp=(2, 2))
     with pytest.raises(ValueError, match="field 'tensors'"):
         make_manifest("m", 1, [desc(), desc()])
-    with pytest.raises(ValueError, match="field 'role'"):
-        make_manifest("m", 1, [desc()], role="observer")
+    with pytest.raises(ValueError, match="field 'source_kind'"):
+        make_manifest("m", 1, [desc()], source_kind="observer")

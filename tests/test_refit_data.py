@@ -7,20 +7,26 @@ import time
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from mx_reference.backends import CudaBackend
 from mx_reference.graphs.ledger import diff_ledgers, module_address_ledger
-from mx_reference.refit.apply import Regrouped, check_staged, model_digest, model_parameters
-from mx_reference.refit.layouts import megatron_shards_from_hf
+from mx_reference.refit.apply import check_staged, model_digest, model_parameters
+from mx_reference.refit.layouts import Regrouped, megatron_shards_from_hf
+from mx_reference.refit.planner import TargetLayout
 from mx_reference.refit.poller import EngineGate, RefitPoller
 from mx_reference.refit.publisher import PublisherConfig, RefitPublisher
 from mx_reference.refit.receiver import RefitError, RefitReceiver, StaleVersion
+from mx_reference.refit.registry import VersionRegistry
 from mx_reference.refit.replicas import ReplicaSource
-from mx_sim.backends import CpuMockBackend
-from mx_sim.models import fixed_prompt
-from mx_sim.refit_rig import RefitRig, RigConfig, make_transport
-from mx_sim.refit_sim import MODEL_ID, version_model
-from mx_sim.transport import FaultPlan
+from mx_reference.refit.wire import decode_endpoint
+from mx_sim.cluster.topology import TopologySpec
+from mx_sim.cpu_mock import CpuMockBackend
+from mx_sim.fixtures import VersionWeights, fixed_prompt, version_model
+from mx_sim.refit.faults import Fault
+from mx_sim.refit.ranks import MODEL_ID, TrainerRank, receiver_for
+from mx_sim.refit.rig import RefitRig, RigConfig
+from mx_sim.sim_transport import SimTransport, make_transport
 
 
 @pytest.fixture
@@ -28,9 +34,8 @@ def rig_factory():
     rigs = []
 
     def make(**kw) -> RefitRig:
-        faults = kw.pop("trainer_faults", None)
         post_load = kw.pop("post_load", None)
-        rig = RefitRig(RigConfig(**kw), trainer_faults=faults, post_load=post_load)
+        rig = RefitRig(RigConfig(**kw), post_load=post_load)
         rigs.append(rig)
         return rig
 
@@ -77,6 +82,36 @@ def test_three_cycles_exact_in_place_and_warm(rig_factory, kind, trainer_tp, tra
     assert all(p.stats.registrations == 2 for p in rig.publishers)
 
 
+def test_receiver_reads_each_source_on_the_device_its_endpoint_names():
+    # a trainer arena on device 1 (cuda:1 on hardware): every read must name device 1. A
+    # receiver that rebuilt its remote descriptors without the endpoint's device id read
+    # "device 0", where the source has no such region (the SimTransport agent enforces it).
+    weights = VersionWeights()
+    registry = VersionRegistry(dist.HashStore(), timeout=5.0)
+    info = TopologySpec().rank_info(0)
+    trainer = TrainerRank(info, registry, SimTransport("trainer-dev1", device_id=1), weights)
+    model = version_model("llama", None, 0)
+    agent = SimTransport("receiver-dev0")
+    receiver = receiver_for(
+        model,
+        registry=registry,
+        transport=agent,
+        target=TargetLayout(),
+        timeout_s=5.0,
+        backend=CpuMockBackend(),
+    )
+    try:
+        (manifest,) = [trainer.publish(1)]
+        assert decode_endpoint(manifest.agent_metadata).device_id == 1
+        receiver.refit(1)
+        want = weights.params(1)
+        assert all(torch.equal(p, want[n]) for n, p in model_parameters(model).items())
+    finally:
+        receiver.close()
+        agent.close()
+        trainer.close()
+
+
 def test_row_parallel_scratch_pieces_are_rewritten_every_cycle(rig_factory):
     # target narrower than the source: row-parallel (axis 1) destination slices are strided,
     # so those tensors go through scratch; a stale scratch buffer would show up in cycle 2 or 3
@@ -110,15 +145,12 @@ def test_matched_layout_translates_into_views_and_apply_makes_the_only_copy(rig_
 
 
 @pytest.mark.parametrize(
-    "fault,error",
-    [
-        (FaultPlan(corrupt_on=1, corrupt_bytes=3), "digest mismatch"),
-        (FaultPlan(fail_on=1), "injected failure"),
-    ],
+    "kind,error", [("corrupt_shard", "digest mismatch"), ("read_failed", "injected failure")]
 )
-def test_failed_cycle_leaves_model_untouched_and_next_cycle_recovers(rig_factory, fault, error):
+def test_failed_cycle_leaves_model_untouched_and_next_cycle_recovers(rig_factory, kind, error):
     calls = []
-    rig = rig_factory(trainer_tp=2, trainer_faults={1: fault}, post_load=calls.append)
+    fault = Fault(kind, cycle=2, rank=1)
+    rig = rig_factory(trainer_tp=2, fault=fault, post_load=calls.append)
     rig.cycle(1)
     digest = model_digest(rig.model)
     with pytest.raises(RefitError, match=error):
@@ -272,8 +304,8 @@ def test_replica_fanout_prefers_trainers_unless_asked(rig_factory):
         for version in (1, 2):
             rig.cycle(version)
             source.republish()
-            assert follower.refit(version).source_role == "replica"
-            assert plain.refit(version).source_role == "trainer"
+            assert follower.refit(version).source_kind == "replica"
+            assert plain.refit(version).source_kind == "trainer"
             assert model_digest(follower.model) == model_digest(root.model)
         other = ReplicaSource(root, root.directory, source.publisher.transport, backend=rig.backend)
         assert other.source_id != source.source_id  # a restart never reuses an id

@@ -8,8 +8,8 @@ from datetime import timedelta
 import pytest
 import torch.distributed as dist
 
-from mx_reference.refit import ShardDescriptor, make_manifest
 from mx_reference.refit.registry import VersionRegistry
+from mx_reference.refit.wire import ShardDescriptor, make_manifest
 
 
 def manifest(rank: int, world: int, version: int, *, model="m", rows=4):

@@ -1,4 +1,4 @@
-"""The multi-process simulator: the CI refit matrix, fan-out, faults, torchrun across node groups."""
+"""The multi-process simulator: the CI refit matrix, every fault, torchrun across node groups."""
 
 from __future__ import annotations
 
@@ -10,22 +10,13 @@ import sys
 
 import pytest
 
-from mx_sim.models import TinyModelSpec
-from mx_sim.refit_sim import FaultSpec, run_topology
-from mx_sim.topology import TopologySpec
+from mx_sim import cli
+from mx_sim.refit.faults import FAULTS, Fault
+from mx_sim.refit.matrix import FAULT_TOPOLOGY, MATRIX
+from mx_sim.refit.multiprocess import run_topology
+from mx_sim.scenarios.refit import to_scenario
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.xdist_group("refit-sim")]
-
-TIED = TinyModelSpec(tie_word_embeddings=True)
-MATRIX = {
-    "TP1->TP1": (TopologySpec(), "llama", None),
-    "TP2->TP1": (TopologySpec(trainer_tp=2), "llama", None),
-    "TP1->TP2": (TopologySpec(inference_tp=2), "qwen2", None),
-    "TP2->TP4-gqa": (TopologySpec(trainer_tp=2, inference_tp=4), "llama", None),
-    "PP2xTP2->TP4": (TopologySpec(trainer_tp=2, trainer_pp=2, inference_tp=4), "llama", None),
-    "EP2->EP1-moe": (TopologySpec(trainer_ep=2), "mixtral", None),
-    "TP2->TP1-tied": (TopologySpec(trainer_tp=2), "llama", TIED),
-}
 
 
 def _receivers(result):
@@ -35,47 +26,39 @@ def _receivers(result):
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("name", list(MATRIX))
 def test_ci_matrix_three_cycles_bit_exact(name):
-    spec, kind, model_spec = MATRIX[name]
-    result = run_topology(spec, kind, cycles=3, model_spec=model_spec, deadline_s=100)
+    row = MATRIX[name]
+    result = run_topology(
+        row.spec, row.kind, cycles=3, model_spec=row.model_spec, fanout=row.fanout, deadline_s=100
+    )
     assert result.passed, result.errors
+    scenario = to_scenario(name, result)
+    assert scenario.passed and scenario.detail == "bit-exact logits, warm cycles 0 registrations"
     for rx in _receivers(result):
         cold, *warm = rx["cycles"]
         assert [c["version"] for c in rx["cycles"]] == [1, 2, 3]
         assert cold["registrations"] >= 1
         assert all(c["registrations"] == 0 and c["bytes_allocated"] == 0 for c in warm)
     assert result.bytes_moved > 0
+    if row.fanout:  # replica 0 pulls from the trainers, the others from replica 0
+        kinds = [[c["source_kind"] for c in rx["cycles"]] for rx in _receivers(result)]
+        assert kinds == [["trainer"] * 3, ["replica"] * 3, ["replica"] * 3]
 
 
-@pytest.mark.timeout(120)
-def test_fanout_tree_one_trainer_one_replica_two_receivers():
-    result = run_topology(TopologySpec(replicas=3), "llama", cycles=3, fanout=True, deadline_s=100)
-    assert result.passed, result.errors
-    roles = [[c["source_role"] for c in rx["cycles"]] for rx in _receivers(result)]
-    assert roles == [["trainer"] * 3, ["replica"] * 3, ["replica"] * 3]
-
-
-FAULT_ERRORS = {
-    "publisher_killed": "RemoteGone",
-    "receiver_killed": "",
-    "slow_rank": "",
-    "corrupt_shard": "digest mismatch",
-    "stale_version": "StaleVersion",
-    "store_gone": "",
-}
+def _struck_rank(kind: str) -> int:
+    return 0 if FAULTS[kind].side == "trainer" else FAULT_TOPOLOGY.world_size - 1
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.parametrize("kind", list(FAULT_ERRORS))
+@pytest.mark.parametrize("kind", list(FAULTS))
 def test_faults_end_with_clear_errors_and_untouched_models(kind):
-    # TP2->TP2: receivers sit at global ranks 2 and 3 with TP ranks 0 and 1
-    spec = TopologySpec(trainer_tp=2, inference_tp=2)
-    rank = {"receiver_killed": 3, "slow_rank": 1}.get(kind, 0)
-    fault = FaultSpec(kind, cycle=2, rank=rank, delay_s=6.0)
-    result = run_topology(spec, "llama", cycles=3, faults=fault, timeout_s=3.0, deadline_s=60)
+    rank = 1 if kind == "slow_rank" else _struck_rank(kind)
+    fault = Fault(kind, cycle=2, rank=rank, delay_s=6.0)
+    result = run_topology(FAULT_TOPOLOGY, "llama", 3, fault=fault, timeout_s=3.0, deadline_s=60)
     assert result.passed, result.errors
     assert result.seconds < 60
+    entry = FAULTS[kind]
     for r in result.ranks:
-        if r["rank"] == rank and kind.endswith("_killed"):
+        if r["rank"] == rank and entry.kills:
             assert r["status"] == "died"
             continue
         assert r["status"] == "ok" and r["error"], r  # every other rank: a clear error
@@ -83,8 +66,36 @@ def test_faults_end_with_clear_errors_and_untouched_models(kind):
         if "failed_cycle" in rx:
             assert rx["failed_cycle"] == 2 and rx["digest_unchanged"] is True
             assert [c["version"] for c in rx["cycles"]] == [1]
-    if FAULT_ERRORS[kind]:
-        assert any(FAULT_ERRORS[kind] in e for e in result.errors), result.errors
+    if entry.error:
+        assert any(entry.error in e for e in result.errors), result.errors
+    assert len(result.rank_lines()) == FAULT_TOPOLOGY.world_size
+
+
+@pytest.mark.timeout(90)
+def test_cli_runs_a_fault_and_prints_one_line_per_rank(tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["run", "--scenarios", "refit", "--fault", "corrupt_shard", "--out", str(out)]
+    assert cli.main(argv) == 0
+    (row,) = json.loads((out / "report.json").read_text())["scenarios"]
+    assert row["name"] == "refit TP2->TP2 fault corrupt_shard" and row["passed"], row
+    assert row["detail"].startswith("contained: ") and "digest mismatch" in row["detail"]
+    lines = row["details"]["ranks"]
+    assert [line.split(" (")[0] for line in lines] == [f"rank {r}" for r in range(4)]
+    assert all("\n" not in line for line in lines)
+
+
+@pytest.mark.parametrize(
+    ("fault", "message"),
+    [
+        ("receiver_killed:2:0", "strikes a receiver rank; rank 0 of TP2->TP2 is a trainer"),
+        ("publisher_killed:2:9", "rank 9 of TP2->TP2 is outside its ranks"),
+        ("corrupt_shard:x", "expected KIND[:cycle[:rank]]"),
+    ],
+)
+def test_bad_fault_is_one_line_before_any_spawn(fault, message, capsys):
+    rc = cli.main(["run", "--scenarios", "refit", "--fault", fault, "--out", "unused"])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and err.count("\n") == 1, err
 
 
 def _free_port() -> int:
@@ -104,7 +115,7 @@ def test_torchrun_two_node_groups_on_loopback(tmp_path):
                 sys.executable, "-m", "torch.distributed.run",
                 "--nnodes", "2", "--node-rank", str(node), "--nproc-per-node", "2",
                 "--master-addr", "127.0.0.1", "--master-port", str(port),
-                "-m", "mx_sim.refit_sim", "--model", "llama", "--trainer-tp", "2",
+                "-m", "mx_sim.refit.torchrun", "--model", "llama", "--trainer-tp", "2",
                 "--inference-tp", "2", "--cycles", "3", "--timeout", "30",
                 "--out", str(tmp_path),
             ]  # fmt: skip

@@ -6,9 +6,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mx_sim.models import TinyModelSpec
-from mx_sim.refit_sim import plan_topology, pp_stage
-from mx_sim.topology import TopologySpec
+from mx_sim.cluster.topology import TopologySpec
+from mx_sim.fixtures import TinyModelSpec, pp_stage
+from mx_sim.refit.planning import plan_topology
 
 sizes = st.integers(1, 4)
 
@@ -31,6 +31,18 @@ def test_rank_info_is_a_bijection_with_groups_partitioning_ranks(ttp, tpp, tep, 
     for i in infos:
         for members in spec.groups_of(i.global_rank).values():
             assert i.global_rank in members
+
+
+def test_one_rank_order_megatrons_tp_then_ep_then_pp_in_every_rig():
+    # TP1 x PP2 x EP2: rank 1 is the second EP rank of stage 0, rank 2 the first of stage 1;
+    # the in-process rig (and so the conformance checks) numbers its trainers the same way
+    from mx_sim.refit.rig import RefitRig, RigConfig
+
+    spec = TopologySpec(trainer_pp=2, trainer_ep=2)
+    coords = [(i.pp_rank, i.ep_rank, i.tp_rank) for i in spec.ranks()[:4]]
+    assert coords == [(0, 0, 0), (0, 1, 0), (1, 0, 0), (1, 1, 0)]
+    with RefitRig(RigConfig("mixtral", trainer_pp=2, trainer_ep=2)) as rig:
+        assert [t.info for t in rig.trainers] == spec.ranks()[:4]
 
 
 def test_tp_rank_differs_from_global_rank_under_pp_and_for_receivers():

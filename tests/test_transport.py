@@ -9,7 +9,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from transport_helpers import make_transport
+from transport_helpers import transport_of
 
 from mx_reference.transport import (
     HandleBusy,
@@ -32,7 +32,7 @@ def pair(request):
     """(reader, source, peer name, source tensor, reader tensor), both registered. A source
     serves reads, so it always keeps NIXL's progress thread."""
     src_kind = "nixl" if request.param == "nixl-pull-only" else request.param
-    src_t, dst_t = make_transport(src_kind, "src"), make_transport(request.param, "dst")
+    src_t, dst_t = transport_of(src_kind, "src"), transport_of(request.param, "dst")
     src = torch.arange(N, dtype=torch.int32).to(torch.uint8)  # [N]
     dst = torch.zeros(N, dtype=torch.uint8)  # [N]
     src_t.register([src])

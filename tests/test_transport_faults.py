@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 from transport_helpers import SRC_BYTES, source_bytes, store
 
 from mx_reference.transport import RemoteDesc, RemoteGone, TransferFailed, TransferTimeout, desc_of
-from mx_sim.transport import FaultPlan, SimTransport
+from mx_sim.sim_transport import FaultPlan, SimTransport
 
 N = 1 << 16
 

@@ -15,8 +15,7 @@ import torch
 import torch.distributed as dist
 
 from mx_reference.transport import MemDesc, RemoteDesc, Transport, desc_of
-from mx_sim.backends import CpuMockBackend
-from mx_sim.transport import FaultPlan, SimTransport
+from mx_sim.sim_transport import FaultPlan, make_transport
 
 STORE_TIMEOUT = timedelta(seconds=30)
 WAIT_S = 10.0
@@ -28,15 +27,12 @@ PREPPED = [(200_000 + 4096 * i, 4096) for i in range(16)]
 PICK = [1, 3, 4, 9, 15]
 
 
-def make_transport(kind: str, name: str, faults: FaultPlan | None = None) -> Transport:
-    if kind == "sim":
-        return SimTransport(name, faults)
-    from mx_reference.transport.nixl import NixlConfig, NixlTransport
-
-    assert faults is None, "faults are injected through SimTransport only"
-    # "nixl-pull-only": an agent without NIXL's progress thread, progressing inside wait
-    config = NixlConfig(progress_thread=kind != "nixl-pull-only")
-    return NixlTransport(name, CpuMockBackend(), config)
+def transport_of(kind: str, name: str, faults: FaultPlan | None = None) -> Transport:
+    """``sim``, ``nixl``, or ``nixl-pull-only`` (an agent without NIXL's progress thread,
+    progressing inside wait)."""
+    if kind == "nixl-pull-only":
+        return make_transport("nixl", name, serves=False)
+    return make_transport(kind, name, faults=faults)
 
 
 def source_bytes() -> torch.Tensor:
@@ -85,7 +81,7 @@ def run_role(role: str, kind: str, store_path: str, faults: FaultPlan | None = N
 
 
 def _source(kind: str, s: dist.FileStore, faults: FaultPlan | None) -> Report:
-    t = make_transport(kind, "source", faults)
+    t = transport_of(kind, "source", faults)
     src = source_bytes()
     late = torch.ones(4096, dtype=torch.uint8)
     t.register([src])
@@ -102,7 +98,7 @@ def _source(kind: str, s: dist.FileStore, faults: FaultPlan | None) -> Report:
 
 
 def _reader(kind: str, s: dist.FileStore) -> Report:
-    t = make_transport(kind, "reader")
+    t = transport_of(kind, "reader")
     dst = torch.zeros(SRC_BYTES, dtype=torch.uint8)
     t.register([dst])
     s.set("md/reader", t.metadata())

@@ -16,7 +16,7 @@ import torch
 
 from mx_reference import adapter as caps
 from mx_reference.discovery import capture_tensor_attrs, discover
-from mx_reference.graphs.runner import GraphRunner
+from mx_reference.graphs.capture import GraphRunner
 from mx_reference.ipc import (
     Decoder,
     Encoder,
@@ -29,8 +29,8 @@ from mx_reference.ipc import (
 )
 from mx_reference.refit.planner import TargetLayout
 from mx_reference.refit.receiver import RefitReceiver
-from mx_sim.backends import CpuMockBackend
-from mx_sim.models import TinyModelSpec, build_tiny_model
+from mx_sim.cpu_mock import CpuMockBackend
+from mx_sim.fixtures import TinyModelSpec, build_tiny_model
 
 
 def load_in_place(model: torch.nn.Module, named_tensors: Iterable[tuple[str, torch.Tensor]]):

@@ -5,6 +5,7 @@ where the graph reads it?"; the runner captures, stages static inputs and valida
 CUDA (``torch.cuda.CUDAGraph``) or on any other device with :class:`SimulatedGraph`.
 """
 
+from mx_reference.graphs.capture import GraphRunner, RunnerConfig
 from mx_reference.graphs.ledger import (
     InputAddressError,
     Ledger,
@@ -19,7 +20,6 @@ from mx_reference.graphs.ledger import (
     module_tensors,
 )
 from mx_reference.graphs.liveness import DeadInput, DeadInputError, LivenessTracker
-from mx_reference.graphs.runner import GraphRunner, RunnerConfig
 from mx_reference.graphs.simulated import GraphCaptureError, SimulatedGraph, SimulatedMemoryError
 
 __all__ = [

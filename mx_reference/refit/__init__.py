@@ -1,91 +1,51 @@
-"""Refit: trainer ranks -> inference workers.
+"""Refit: trainer ranks publish weight versions, inference workers take them in place.
 
-Module split (the data plane, in ``publisher``/``receiver``/``poller``, builds on these):
+The parts, in the order a weight travels (each module is one concern):
 
-* :mod:`~mx_reference.refit.descriptors`: the wire format. ``ShardDescriptor`` and
-  ``SourceManifest`` (versioned msgspec schema, msgpack, never pickle), ``encode_manifest`` /
-  ``decode_manifest``, ``layout_signature``, ``name_digest``.
-* :mod:`~mx_reference.refit.layouts`: Megatron <-> HF translation (QKV interleave, gated MLP,
-  vocab padding, tied embeddings, MoE ids, name maps), the trainer-side
-  ``megatron_shards_from_hf`` and the receiver-side ``canonical_from_ranks`` /
-  ``hf_from_canonical``.
-* :mod:`~mx_reference.refit.planner`: ``TargetLayout``, ``plan_refit`` -> ``RefitPlan`` (pieces
-  per tensor, coverage proven, fail closed), ``assemble`` (pure-torch reference), ``PlanCache``.
-* :mod:`~mx_reference.refit.registry`: ``VersionRegistry`` over a torch.distributed Store.
+* :mod:`~mx_reference.refit.publisher`: ``RefitPublisher`` copies a trainer rank's shards into
+  a registered arena and publishes a manifest per version.
+* :mod:`~mx_reference.refit.registry`: ``VersionRegistry``, versions committed over a
+  torch.distributed Store.
+* :mod:`~mx_reference.refit.planner`: ``plan_refit`` / ``PlanCache``, which rows of which
+  source shard land where (coverage proven before any byte moves).
+* :mod:`~mx_reference.refit.receiver`: ``RefitReceiver``, one cycle (discover, plan, pull,
+  translate, verify, apply) into a live model.
+* :mod:`~mx_reference.refit.wire`: descriptors, manifests, endpoint, digest, alignment.
+* :mod:`~mx_reference.refit.layouts` and :mod:`~mx_reference.refit.name_maps`: Megatron <-> HF.
+* :mod:`~mx_reference.refit.apply`: the atomic in-place apply.
+* :mod:`~mx_reference.refit.poller` and :mod:`~mx_reference.refit.replicas`: background polling
+  while the engine pauses, and replica fan-out.
 """
 
-from mx_reference.refit.descriptors import (
-    ROLES,
-    SCHEMA_VERSION,
-    ShardDescriptor,
-    SourceManifest,
-    decode_manifest,
-    encode_manifest,
-    layout_signature,
-    make_manifest,
-    name_digest,
-)
-from mx_reference.refit.layouts import (
-    RefitModelConfig,
-    canonical_from_ranks,
-    expert_range,
-    global_expert_id,
-    hf_from_canonical,
-    hf_gate_up_from_megatron,
-    hf_qkv_from_megatron,
-    megatron_fc1_shards_from_hf,
-    megatron_name_map,
-    megatron_qkv_from_hf,
-    megatron_shards_from_hf,
-    padded_vocab_size,
-    tp_range,
-    vocab_range,
-)
-from mx_reference.refit.planner import (
-    IncompleteRefitPlan,
-    Piece,
-    PlanCache,
-    RefitPlan,
-    TargetLayout,
-    TensorPlan,
-    assemble,
-    coalesce,
-    plan_refit,
+from mx_reference.refit.layouts import megatron_shards_from_hf
+from mx_reference.refit.name_maps import RefitModelConfig
+from mx_reference.refit.planner import PlanCache, RefitPlan, TargetLayout, plan_refit
+from mx_reference.refit.publisher import PublisherConfig, RefitPublisher
+from mx_reference.refit.receiver import (
+    CycleTiming,
+    ReceiverConfig,
+    RefitError,
+    RefitReceiver,
+    StaleVersion,
 )
 from mx_reference.refit.registry import VersionRegistry
+from mx_reference.refit.wire import ShardDescriptor, SourceManifest
 
 __all__ = [
+    "RefitPublisher",
+    "PublisherConfig",
+    "RefitReceiver",
+    "ReceiverConfig",
+    "CycleTiming",
+    "RefitError",
+    "StaleVersion",
     "VersionRegistry",
-    "IncompleteRefitPlan",
-    "Piece",
+    "plan_refit",
     "PlanCache",
     "RefitPlan",
     "TargetLayout",
-    "TensorPlan",
-    "assemble",
-    "coalesce",
-    "plan_refit",
-    "ROLES",
-    "SCHEMA_VERSION",
     "RefitModelConfig",
+    "megatron_shards_from_hf",
     "ShardDescriptor",
     "SourceManifest",
-    "canonical_from_ranks",
-    "decode_manifest",
-    "encode_manifest",
-    "expert_range",
-    "global_expert_id",
-    "hf_from_canonical",
-    "hf_gate_up_from_megatron",
-    "hf_qkv_from_megatron",
-    "layout_signature",
-    "make_manifest",
-    "megatron_fc1_shards_from_hf",
-    "megatron_name_map",
-    "megatron_qkv_from_hf",
-    "megatron_shards_from_hf",
-    "name_digest",
-    "padded_vocab_size",
-    "tp_range",
-    "vocab_range",
 ]

@@ -5,75 +5,21 @@ dtype, device) before the first byte is written, then copied with ``param.data.c
 ``no_grad``. ``.data`` is never rebound, so parameter storage addresses (and CUDA graphs that
 captured them) stay valid. A failed check raises ``ValueError`` and leaves the model untouched.
 
-Translation can leave a tensor :class:`Regrouped`: its HF shape is no view of the pulled bytes,
-but another grouping of them is. Apply copies such a tensor straight into the parameter, so the
-regrouping costs no pass of its own; :class:`StagedTensors` hands plain tensors to anyone who
-reads the staged version otherwise (an engine's own loader).
+Translation can leave a tensor :class:`~mx_reference.refit.layouts.Regrouped`: its HF shape is
+no view of the pulled bytes, but another grouping of them is. Apply copies such a tensor straight
+into the parameter, so the regrouping costs no pass of its own;
+:class:`~mx_reference.refit.layouts.StagedTensors` hands plain tensors to anyone who reads the
+staged version otherwise (an engine's own loader).
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 
 import torch
 
-
-@dataclass(frozen=True)
-class Regrouped:
-    """``source.reshape(shape)``, not yet made: the tensor of ``shape`` whose elements, in
-    row-major order, are those of ``source``.
-
-    Megatron's QKV de-interleaves into q, k and v whose rows are strided per query group: no
-    view in HF shape ``[H·D, in]``, but a view as ``[G, p·D, in]``. Copying that view into
-    ``param.view(G, p·D, in)`` is the whole de-interleave.
-    """
-
-    source: torch.Tensor
-    shape: torch.Size
-
-    def __post_init__(self) -> None:
-        assert self.source.numel() == self.shape.numel(), (self.source.shape, self.shape)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.source.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.source.device
-
-    def to(self, device: torch.device) -> Regrouped:
-        return Regrouped(self.source.to(device), self.shape)
-
-    def materialize(self) -> torch.Tensor:
-        return self.source.reshape(self.shape)
-
-    def copy_into(self, dst: torch.Tensor) -> None:
-        if dst.is_contiguous():
-            dst.view(self.source.shape).copy_(self.source)
-        else:
-            dst.copy_(self.materialize())
-
-
-class StagedTensors(Mapping[str, torch.Tensor]):
-    """A staged version's HF tensors by parameter name. ``entries`` may hold
-    :class:`Regrouped` tensors: :func:`apply_in_place` copies them straight into their
-    parameters, while reading one through the mapping materializes it."""
-
-    def __init__(self, entries: Mapping[str, torch.Tensor | Regrouped]):
-        self.entries = dict(entries)
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        entry = self.entries[name]
-        return entry.materialize() if isinstance(entry, Regrouped) else entry
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.entries)
-
-    def __len__(self) -> int:
-        return len(self.entries)
+from mx_reference.refit.layouts import Regrouped, StagedTensors
 
 
 def _entries(staged: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor | Regrouped]:

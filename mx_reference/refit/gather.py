@@ -14,9 +14,7 @@ import msgspec
 import torch
 import torch.distributed as dist
 
-from mx_reference.refit.descriptors import DTYPES, dtype_name
-
-_ALIGN = 16  # bytes; a multiple of every dtype's element size
+from mx_reference.refit.wire import ALIGNMENT, DTYPES, aligned, dtype_name
 
 
 class _Header(msgspec.Struct, frozen=True):
@@ -34,20 +32,18 @@ def vote(ok: bool, group: dist.ProcessGroup | None) -> bool:
     return all(bool(f.item()) for f in flags)
 
 
-def _padded(n: int) -> int:
-    return -(-n // _ALIGN) * _ALIGN
-
-
 def _pack(tag: int, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
     entries, at = [], 0
     for name, t in tensors.items():
         entries.append((name, tuple(t.shape), dtype_name(t.dtype), at))
-        at += _padded(t.numel() * t.element_size())
+        at += aligned(t.numel() * t.element_size())
     header = msgspec.msgpack.encode(_Header(tag, entries))
-    start = _ALIGN + _padded(len(header))  # every tensor starts aligned for its view
+    start = ALIGNMENT + aligned(len(header))  # every tensor starts aligned for its view
     buf = torch.zeros(start + at, dtype=torch.uint8)  # (8 + header + payload,) uint8
     buf[:8] = torch.tensor([len(header)], dtype=torch.int64).view(torch.uint8)
-    buf[_ALIGN : _ALIGN + len(header)] = torch.frombuffer(bytearray(header), dtype=torch.uint8)
+    buf[ALIGNMENT : ALIGNMENT + len(header)] = torch.frombuffer(
+        bytearray(header), dtype=torch.uint8
+    )
     for (_, _, _, offset), t in zip(entries, tensors.values(), strict=True):
         raw = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8)
         buf[start + offset : start + offset + raw.numel()] = raw
@@ -56,8 +52,8 @@ def _pack(tag: int, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
 
 def _unpack(buf: torch.Tensor) -> tuple[int, dict[str, torch.Tensor]]:
     n = int(buf[:8].view(torch.int64).item())
-    header = msgspec.msgpack.decode(buf[_ALIGN : _ALIGN + n].numpy().tobytes(), type=_Header)
-    payload, out = buf[_ALIGN + _padded(n) :], {}
+    header = msgspec.msgpack.decode(buf[ALIGNMENT : ALIGNMENT + n].numpy().tobytes(), type=_Header)
+    payload, out = buf[ALIGNMENT + aligned(n) :], {}
     for name, shape, dtype, at in header.tensors:
         dt = DTYPES[dtype]
         nbytes = int(torch.Size(shape).numel()) * dt.itemsize

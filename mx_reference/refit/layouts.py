@@ -3,26 +3,25 @@
 Every Megatron tensor has a *canonical* global form that does not depend on the TP size: the
 QKV weight interleaved per query group ``[q heads of g; k_g; v_g]``, fc1 as ``[gate; up]``, the
 embedding and output layer truncated to the real vocab. A TP rank's shard is cut from that form
-by role (:func:`rank_segments` says which global rows, in local order), and the receiver merges
-its ranks' shards back into it. The helpers that bugs have lived in (:func:`tp_range`,
-:func:`megatron_qkv_from_hf`, :func:`hf_gate_up_from_megatron`, ...) are small public functions
-so conformance mutants can patch them. Which HF tensors make which Megatron tensor is in
+by TP style (:func:`rank_segments` says which global rows, in local order), and the receiver
+merges its ranks' shards back into it. Which HF tensors make which Megatron tensor is in
 :mod:`~mx_reference.refit.name_maps`; the transforms a rule asks for (GPT-2's Conv1D transpose,
-a fused HF ``q|k|v`` split by head counts) happen here, on the way in and out.
+a fused HF ``q|k|v`` split by head counts) happen here, on the way in and out. Translation back
+to HF returns :class:`StagedTensors`, views of the pulled bytes where it can; nothing here
+writes into a model (that is :mod:`~mx_reference.refit.apply`).
 
 Notation: H query heads, G KV heads (query groups), p = H/G, D head dim, I FFN size, E experts.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from functools import partial
 
 import msgspec
 import torch
 
-from mx_reference.refit.apply import Regrouped, StagedTensors
-from mx_reference.refit.descriptors import EXPERT_ROLES, GATED_ROLES, ShardDescriptor, dtype_name
 from mx_reference.refit.name_maps import (
     LM_HEAD,
     WORD_EMBEDDINGS,
@@ -31,6 +30,70 @@ from mx_reference.refit.name_maps import (
     tensor_rules,
 )
 from mx_reference.refit.name_maps import megatron_name_map as megatron_name_map  # re-export
+from mx_reference.refit.wire import (
+    EXPERT_STYLES,
+    GATED_STYLES,
+    ShardDescriptor,
+    dtype_name,
+    gated_segments,
+)
+
+
+@dataclass(frozen=True)
+class Regrouped:
+    """``source.reshape(shape)``, not yet made: the tensor of ``shape`` whose elements, in
+    row-major order, are those of ``source``.
+
+    Megatron's QKV de-interleaves into q, k and v whose rows are strided per query group: no
+    view in HF shape ``[H·D, in]``, but a view as ``[G, p·D, in]``. Copying that view into
+    ``param.view(G, p·D, in)`` is the whole de-interleave.
+    """
+
+    source: torch.Tensor
+    shape: torch.Size
+
+    def __post_init__(self) -> None:
+        assert self.source.numel() == self.shape.numel(), (self.source.shape, self.shape)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.source.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.source.device
+
+    def to(self, device: torch.device) -> Regrouped:
+        return Regrouped(self.source.to(device), self.shape)
+
+    def materialize(self) -> torch.Tensor:
+        return self.source.reshape(self.shape)
+
+    def copy_into(self, dst: torch.Tensor) -> None:
+        if dst.is_contiguous():
+            dst.view(self.source.shape).copy_(self.source)
+        else:
+            dst.copy_(self.materialize())
+
+
+class StagedTensors(Mapping[str, torch.Tensor]):
+    """A staged version's HF tensors by parameter name. ``entries`` may hold
+    :class:`Regrouped` tensors: :func:`apply_in_place` copies them straight into their
+    parameters, while reading one through the mapping materializes it."""
+
+    def __init__(self, entries: Mapping[str, torch.Tensor | Regrouped]):
+        self.entries = dict(entries)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        entry = self.entries[name]
+        return entry.materialize() if isinstance(entry, Regrouped) else entry
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.entries)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
 
 # ---- extents ----------------------------------------------------------------------------------
 
@@ -112,14 +175,13 @@ def rank_segments(
 ) -> list[tuple[int, int]]:
     """Global rows along ``d.shard_axis`` that rank ``rank`` of ``tp`` holds of tensor ``d``."""
     extent = d.global_shape[d.shard_axis]
-    if d.role == "replicated":
+    if d.style == "replicated":
         return [(0, extent)]
-    if d.role == "qkv_column":
+    if d.style == "qkv_column":
         return qkv_segments(extent, tp, rank, num_heads=d.num_heads, num_kv_heads=d.num_kv_heads)
-    if d.role in GATED_ROLES:
-        lo, hi = tp_range(extent // 2, tp, rank)
-        return [(lo, hi), (extent // 2 + lo, extent // 2 + hi)]
-    if d.role == "vocab_parallel":
+    if d.style in GATED_STYLES:
+        return gated_segments(extent, *tp_range(extent // 2, tp, rank))
+    if d.style == "vocab_parallel":
         lo, hi = vocab_range(extent, tp, rank, vocab_divisible_by)
     else:
         lo, hi = tp_range(extent, tp, rank)
@@ -224,13 +286,13 @@ def canonical_from_hf(
         raise ValueError(f"tensor {rule.megatron!r}: HF state dict lacks {e.args[0]!r}") from None
     if rule.transpose:
         parts = [p.t() for p in parts]  # Conv1D [in, out] -> [out, in]
-    if rule.role == "qkv_column":
+    if rule.style == "qkv_column":
         if len(parts) == 1:
             parts = list(
                 split_fused_qkv(parts[0], num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads)
             )
         return megatron_qkv_from_hf(*parts, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads)
-    if rule.role == "gated_mlp_column":
+    if rule.style == "gated_mlp_column":
         return torch.cat(parts)  # [gate; up]
     return parts[0]  # HF's fused expert gate_up_proj is already [gate; up] per expert
 
@@ -241,7 +303,7 @@ def hf_from_rule(
     """Inverse of :func:`canonical_from_hf` for a non-expert rule: its HF tensors in
     ``rule.hf`` order. Separate q, k and v come back :class:`Regrouped` views of ``t``."""
     parts: tuple[torch.Tensor, ...]
-    if rule.role == "qkv_column":
+    if rule.style == "qkv_column":
         groups = hf_qkv_groups_from_megatron(
             t, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads
         )
@@ -250,7 +312,7 @@ def hf_from_rule(
             rest = t.shape[1:]
             return tuple(Regrouped(g, torch.Size((g.shape[0] * g.shape[1], *rest))) for g in groups)
         parts = (torch.cat([g.flatten(0, 1) for g in groups]),)  # HF's fused q|k|v
-    elif rule.role == "gated_mlp_column":
+    elif rule.style == "gated_mlp_column":
         parts = tuple(t.chunk(2))  # canonical is the TP-1 layout [gate; up]
     else:
         parts = (t,)
@@ -282,9 +344,9 @@ def canonical_from_shards(
     """Merge every rank's shard (TP order) back into the canonical tensor; inverse of
     :func:`shard_from_canonical`."""
     axis, tp = d.shard_axis, len(shards)
-    if d.role in GATED_ROLES:
+    if d.style in GATED_STYLES:
         return torch.cat(hf_gate_up_from_megatron(shards, dim=axis), dim=axis)
-    if d.role == "replicated":
+    if d.style == "replicated":
         return shards[0]
     shape = list(shards[0].shape)  # grouped: this EP rank's experts only
     shape[axis] = d.global_shape[axis]
@@ -300,18 +362,18 @@ def canonical_from_shards(
 def _spec(
     rule: TensorRule, full: torch.Tensor, cfg: RefitModelConfig, experts: tuple[int, ...]
 ) -> ShardDescriptor:
-    """A whole-tensor descriptor of ``rule``: the role facts the cutting helpers read."""
-    grouped = rule.role in EXPERT_ROLES and rule.expert is None
+    """A whole-tensor descriptor of ``rule``: the style facts the cutting helpers read."""
+    grouped = rule.style in EXPERT_STYLES and rule.expert is None
     return ShardDescriptor(
         name=rule.megatron,
         global_shape=(cfg.num_experts, *full.shape[1:]) if grouped else tuple(full.shape),
         dtype=dtype_name(full.dtype),
-        role=rule.role,
+        style=rule.style,
         shard_axis=rule.axis,
         expert_ids=experts,
-        num_experts=cfg.num_experts if rule.role in EXPERT_ROLES else 0,
-        num_heads=cfg.num_heads if rule.role == "qkv_column" else 0,
-        num_kv_heads=cfg.num_kv_heads if rule.role == "qkv_column" else 0,
+        num_experts=cfg.num_experts if rule.style in EXPERT_STYLES else 0,
+        num_heads=cfg.num_heads if rule.style == "qkv_column" else 0,
+        num_kv_heads=cfg.num_kv_heads if rule.style == "qkv_column" else 0,
         nbytes=full.numel() * full.element_size(),
     )
 
@@ -343,7 +405,7 @@ def megatron_shards_from_hf(
             continue
         full = canonical_from_hf(rule, hf, cfg)
         experts: tuple[int, ...] = ()
-        if rule.role in EXPERT_ROLES:
+        if rule.style in EXPERT_STYLES:
             experts = (rule.expert,) if rule.expert is not None else tuple(range(e_lo, e_hi))
             if rule.expert is None:
                 full = full[e_lo:e_hi]  # [E_local, ...]
@@ -355,7 +417,7 @@ def megatron_shards_from_hf(
             continue
         shard = shard.contiguous()
         segs = rank_segments(spec, tp_size, tp_rank, vocab_divisible_by=cfg.vocab_divisible_by)
-        sharded = spec.role != "replicated"
+        sharded = spec.style != "replicated"
         desc = msgspec.structs.replace(
             spec,
             placement="shard" if sharded or spec.grouped else "replicate",
@@ -378,7 +440,7 @@ def canonical_from_ranks(
     merge: Callable[[ShardDescriptor, list[torch.Tensor]], torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Receiver side: merge what every target rank ``(tp_rank, ep_rank)`` assembled into the
-    canonical tensors. ``specs`` gives each tensor's role facts (a plan's ``TensorPlan.spec``);
+    canonical tensors. ``specs`` gives each tensor's style facts (a plan's ``TensorPlan.spec``);
     ``merge(spec, shards)`` joins one tensor's TP shards (default :func:`canonical_from_shards`)."""
     if merge is None:
         merge = partial(canonical_from_shards, vocab_divisible_by=vocab_divisible_by)

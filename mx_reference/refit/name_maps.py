@@ -1,6 +1,7 @@
 """Megatron-Core <-> HF ``transformers`` name maps, one per model family.
 
-A :class:`TensorRule` names one Megatron tensor, its TP role and the HF tensors it is made of,
+Each family is one declarative :class:`FamilyTable`. A :class:`TensorRule` (one row expanded for
+one layer) names one Megatron tensor, its TP style and the HF tensors it is made of,
 plus the layout facts translation needs (``transpose`` for GPT-2's Conv1D weights, ``expert``
 for a slice of HF's stacked experts). The shape-free rules live here; the tensor transforms that
 follow them are in :mod:`mx_reference.refit.layouts`.
@@ -100,132 +101,139 @@ class RefitModelConfig:
 class TensorRule(NamedTuple):
     """One Megatron tensor and the HF tensors it comes from.
 
-    A ``qkv_column`` rule names either HF's separate ``(q, k, v)`` or one fused ``q|k|v``
-    tensor (GPT-2's ``c_attn``), which translation splits by head counts. ``transpose``: the HF
-    weight is stored ``[in, out]`` (GPT-2's Conv1D), Megatron's is ``[out, in]``. ``expert`` is
-    set for per-expert tensors cut from HF's stacked ``mlp.experts.*`` (transformers 5 stores
+    ``style`` is its tensor-parallel style (:data:`mx_reference.refit.wire.STYLES`). A
+    ``qkv_column`` rule names either HF's separate ``(q, k, v)`` or one fused ``q|k|v`` tensor
+    (GPT-2's ``c_attn``), which translation splits by head counts. ``transpose``: the HF weight
+    is stored ``[in, out]`` (GPT-2's Conv1D), Megatron's is ``[out, in]``. ``expert`` is set for
+    per-expert tensors cut from HF's stacked ``mlp.experts.*`` (transformers 5 stores
     ``gate_up_proj`` as (E, 2I, H) with gate rows first, ``down_proj`` as (E, H, I)).
     """
 
     megatron: str
-    role: str
+    style: str
     hf: tuple[str, ...]
     axis: int = 0
     expert: int | None = None
     transpose: bool = False
 
 
-def _llama_rules(cfg: RefitModelConfig, expert_layout: str) -> list[TensorRule]:
-    R = TensorRule
-    rules = [R(WORD_EMBEDDINGS, "vocab_parallel", ("model.embed_tokens.weight",))]
-    for i in range(cfg.num_layers):
-        m, h = f"decoder.layers.{i}.", f"model.layers.{i}."
-        att, qkv = m + "self_attention.", ("q_proj", "k_proj", "v_proj")
-        rules += [
-            R(att + "linear_qkv.layer_norm_weight", "replicated", (h + "input_layernorm.weight",)),
-            R(
-                att + "linear_qkv.weight",
-                "qkv_column",
-                tuple(f"{h}self_attn.{p}.weight" for p in qkv),
-            ),
-        ]
-        if cfg.qkv_bias:
-            rules.append(
-                R(
-                    att + "linear_qkv.bias",
-                    "qkv_column",
-                    tuple(f"{h}self_attn.{p}.bias" for p in qkv),
-                )
-            )
-        if cfg.qk_norm:
-            rules += [
-                R(att + "q_layernorm.weight", "replicated", (h + "self_attn.q_norm.weight",)),
-                R(att + "k_layernorm.weight", "replicated", (h + "self_attn.k_norm.weight",)),
-            ]
-        rules.append(R(att + "linear_proj.weight", "row", (h + "self_attn.o_proj.weight",), axis=1))
-        if not cfg.num_experts:
-            rules += [
-                R(
-                    m + "mlp.linear_fc1.layer_norm_weight",
-                    "replicated",
-                    (h + "post_attention_layernorm.weight",),
-                ),
-                R(
-                    m + "mlp.linear_fc1.weight",
-                    "gated_mlp_column",
-                    (h + "mlp.gate_proj.weight", h + "mlp.up_proj.weight"),
-                ),
-                R(m + "mlp.linear_fc2.weight", "row", (h + "mlp.down_proj.weight",), axis=1),
-            ]
-            continue
-        fc1, fc2 = (h + "mlp.experts.gate_up_proj",), (h + "mlp.experts.down_proj",)
-        rules += [
-            R(
-                m + "pre_mlp_layernorm.weight",
-                "replicated",
-                (h + "post_attention_layernorm.weight",),
-            ),
-            R(m + "mlp.router.weight", "replicated", (h + "mlp.gate.weight",)),
-        ]
-        if expert_layout == "grouped":
-            rules += [
-                R(m + "mlp.experts.linear_fc1.weight", "expert_column", fc1, axis=1),
-                R(m + "mlp.experts.linear_fc2.weight", "expert_row", fc2, axis=2),
-            ]
-            continue
-        for e in range(cfg.num_experts):
-            x = f"{m}mlp.experts.local_experts.{e}."
-            rules += [
-                R(x + "linear_fc1.weight", "expert_column", fc1, expert=e),
-                R(x + "linear_fc2.weight", "expert_row", fc2, axis=1, expert=e),
-            ]
-    rules.append(R("decoder.final_layernorm.weight", "replicated", ("model.norm.weight",)))
-    return rules
+class LayerEntry(NamedTuple):
+    """One row of a family's per-layer table: Megatron suffix, TP style, HF suffixes, shard
+    axis, whether HF stores it transposed, and when the row applies (:data:`_WHEN`). In an
+    ``experts`` row, ``{e}`` in the Megatron suffix is the expert id."""
+
+    megatron: str
+    style: str
+    hf: tuple[str, ...]
+    axis: int = 0
+    transpose: bool = False
+    when: str = "always"
 
 
-# (Megatron suffix, role, HF suffix, shard axis, HF stores it [in, out]) per GPT-2 block.
+# Which rows of a table a model has: read off its RefitModelConfig and the expert layout.
+_WHEN = {
+    "always": lambda cfg, layout: True,
+    "qkv_bias": lambda cfg, layout: cfg.qkv_bias,
+    "qk_norm": lambda cfg, layout: cfg.qk_norm,
+    "dense": lambda cfg, layout: not cfg.num_experts,
+    "moe": lambda cfg, layout: bool(cfg.num_experts),
+    "grouped": lambda cfg, layout: bool(cfg.num_experts) and layout == "grouped",
+    "experts": lambda cfg, layout: bool(cfg.num_experts) and layout == "per_expert",
+}
+
+_QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+_E = LayerEntry
+_LLAMA_LAYER = (
+    _E("self_attention.linear_qkv.layer_norm_weight", "replicated", ("input_layernorm.weight",)),
+    _E("self_attention.linear_qkv.weight", "qkv_column", tuple(f"{p}.weight" for p in _QKV)),
+    _E("self_attention.linear_qkv.bias", "qkv_column", tuple(f"{p}.bias" for p in _QKV), when="qkv_bias"),
+    _E("self_attention.q_layernorm.weight", "replicated", ("self_attn.q_norm.weight",), when="qk_norm"),
+    _E("self_attention.k_layernorm.weight", "replicated", ("self_attn.k_norm.weight",), when="qk_norm"),
+    _E("self_attention.linear_proj.weight", "row", ("self_attn.o_proj.weight",), axis=1),
+    _E("mlp.linear_fc1.layer_norm_weight", "replicated", ("post_attention_layernorm.weight",), when="dense"),
+    _E("mlp.linear_fc1.weight", "gated_mlp_column", ("mlp.gate_proj.weight", "mlp.up_proj.weight"), when="dense"),
+    _E("mlp.linear_fc2.weight", "row", ("mlp.down_proj.weight",), axis=1, when="dense"),
+    _E("pre_mlp_layernorm.weight", "replicated", ("post_attention_layernorm.weight",), when="moe"),
+    _E("mlp.router.weight", "replicated", ("mlp.gate.weight",), when="moe"),
+    _E("mlp.experts.linear_fc1.weight", "expert_column", ("mlp.experts.gate_up_proj",), axis=1, when="grouped"),
+    _E("mlp.experts.linear_fc2.weight", "expert_row", ("mlp.experts.down_proj",), axis=2, when="grouped"),
+    _E("mlp.experts.local_experts.{e}.linear_fc1.weight", "expert_column", ("mlp.experts.gate_up_proj",), when="experts"),
+    _E("mlp.experts.local_experts.{e}.linear_fc2.weight", "expert_row", ("mlp.experts.down_proj",), axis=1, when="experts"),
+)  # fmt: skip
+
 # Row-parallel biases are added after the reduction, so Megatron replicates them.
 _GPT2_LAYER = (
-    ("self_attention.linear_qkv.layer_norm_weight", "replicated", "ln_1.weight", 0, False),
-    ("self_attention.linear_qkv.layer_norm_bias", "replicated", "ln_1.bias", 0, False),
-    ("self_attention.linear_qkv.weight", "qkv_column", "attn.c_attn.weight", 0, True),
-    ("self_attention.linear_qkv.bias", "qkv_column", "attn.c_attn.bias", 0, False),
-    ("self_attention.linear_proj.weight", "row", "attn.c_proj.weight", 1, True),
-    ("self_attention.linear_proj.bias", "replicated", "attn.c_proj.bias", 0, False),
-    ("mlp.linear_fc1.layer_norm_weight", "replicated", "ln_2.weight", 0, False),
-    ("mlp.linear_fc1.layer_norm_bias", "replicated", "ln_2.bias", 0, False),
-    ("mlp.linear_fc1.weight", "column", "mlp.c_fc.weight", 0, True),
-    ("mlp.linear_fc1.bias", "column", "mlp.c_fc.bias", 0, False),
-    ("mlp.linear_fc2.weight", "row", "mlp.c_proj.weight", 1, True),
-    ("mlp.linear_fc2.bias", "replicated", "mlp.c_proj.bias", 0, False),
-)
+    _E("self_attention.linear_qkv.layer_norm_weight", "replicated", ("ln_1.weight",)),
+    _E("self_attention.linear_qkv.layer_norm_bias", "replicated", ("ln_1.bias",)),
+    _E("self_attention.linear_qkv.weight", "qkv_column", ("attn.c_attn.weight",), transpose=True),
+    _E("self_attention.linear_qkv.bias", "qkv_column", ("attn.c_attn.bias",)),
+    _E("self_attention.linear_proj.weight", "row", ("attn.c_proj.weight",), axis=1, transpose=True),
+    _E("self_attention.linear_proj.bias", "replicated", ("attn.c_proj.bias",)),
+    _E("mlp.linear_fc1.layer_norm_weight", "replicated", ("ln_2.weight",)),
+    _E("mlp.linear_fc1.layer_norm_bias", "replicated", ("ln_2.bias",)),
+    _E("mlp.linear_fc1.weight", "column", ("mlp.c_fc.weight",), transpose=True),
+    _E("mlp.linear_fc1.bias", "column", ("mlp.c_fc.bias",)),
+    _E("mlp.linear_fc2.weight", "row", ("mlp.c_proj.weight",), axis=1, transpose=True),
+    _E("mlp.linear_fc2.bias", "replicated", ("mlp.c_proj.bias",)),
+)  # fmt: skip
 
 
-def _gpt2_rules(cfg: RefitModelConfig, expert_layout: str) -> list[TensorRule]:
-    R = TensorRule
-    rules = [
-        R(WORD_EMBEDDINGS, "vocab_parallel", ("transformer.wte.weight",)),
-        R("embedding.position_embeddings.weight", "replicated", ("transformer.wpe.weight",)),
-    ]
-    for i in range(cfg.num_layers):
-        m, h = f"decoder.layers.{i}.", f"transformer.h.{i}."
-        rules += [
-            R(m + meg, role, (h + hf,), axis, transpose=t) for meg, role, hf, axis, t in _GPT2_LAYER
-        ]
-    return rules + [
-        R("decoder.final_layernorm.weight", "replicated", ("transformer.ln_f.weight",)),
-        R("decoder.final_layernorm.bias", "replicated", ("transformer.ln_f.bias",)),
-    ]
+@dataclass(frozen=True)
+class FamilyTable:
+    """A family's whole name map: HF layer prefix, the tensors before and after the layers
+    (``(Megatron name, style, HF name)``), and the per-layer rows."""
+
+    hf_layer: str
+    head: tuple[tuple[str, str, str], ...]
+    layer: tuple[LayerEntry, ...]
+    tail: tuple[tuple[str, str, str], ...]
 
 
-_FAMILY_RULES = {"llama": _llama_rules, "gpt2": _gpt2_rules}
+_TABLES = {
+    "llama": FamilyTable(
+        hf_layer="model.layers.{i}.",
+        head=((WORD_EMBEDDINGS, "vocab_parallel", "model.embed_tokens.weight"),),
+        layer=_LLAMA_LAYER,
+        tail=(("decoder.final_layernorm.weight", "replicated", "model.norm.weight"),),
+    ),
+    "gpt2": FamilyTable(
+        hf_layer="transformer.h.{i}.",
+        head=(
+            (WORD_EMBEDDINGS, "vocab_parallel", "transformer.wte.weight"),
+            ("embedding.position_embeddings.weight", "replicated", "transformer.wpe.weight"),
+        ),
+        layer=_GPT2_LAYER,
+        tail=(
+            ("decoder.final_layernorm.weight", "replicated", "transformer.ln_f.weight"),
+            ("decoder.final_layernorm.bias", "replicated", "transformer.ln_f.bias"),
+        ),
+    ),
+}
+
+
+def _layer_rules(table: FamilyTable, cfg: RefitModelConfig, expert_layout: str, i: int):
+    m, h = f"decoder.layers.{i}.", table.hf_layer.format(i=i)
+    for row in table.layer:
+        if not _WHEN[row.when](cfg, expert_layout):
+            continue
+        hf = tuple(h + n for n in row.hf)
+        if row.when != "experts":
+            yield TensorRule(m + row.megatron, row.style, hf, row.axis, None, row.transpose)
+            continue
+        for e in range(cfg.num_experts):
+            name = m + row.megatron.format(e=e)
+            yield TensorRule(name, row.style, hf, row.axis, e, row.transpose)
 
 
 def tensor_rules(cfg: RefitModelConfig, expert_layout: str = "per_expert") -> list[TensorRule]:
     """Megatron <-> HF name map of ``cfg.family`` (dense or MoE), in publishing order."""
     if expert_layout not in EXPERT_LAYOUTS:
         raise ValueError(f"expert_layout {expert_layout!r} not in {EXPERT_LAYOUTS}")
-    rules = _FAMILY_RULES[cfg.family](cfg, expert_layout)
+    table = _TABLES[cfg.family]
+    rules = [TensorRule(m, style, (hf,)) for m, style, hf in table.head]
+    for i in range(cfg.num_layers):
+        rules += _layer_rules(table, cfg, expert_layout, i)
+    rules += [TensorRule(m, style, (hf,)) for m, style, hf in table.tail]
     if not cfg.tie_word_embeddings:  # tied: the embedding is sent once, the tie restored on load
         rules.append(TensorRule("output_layer.weight", "vocab_parallel", (LM_HEAD,)))
     return rules

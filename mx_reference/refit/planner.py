@@ -23,8 +23,8 @@ from typing import NamedTuple
 
 import torch
 
-from mx_reference.refit.descriptors import DTYPES, ShardDescriptor, SourceManifest
 from mx_reference.refit.layouts import RefitModelConfig, expert_range, rank_segments
+from mx_reference.refit.wire import DTYPES, ShardDescriptor, SourceManifest
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,7 @@ def box_bytes(shape: Sequence[int], starts: Sequence[int], sizes: Sequence[int],
     return offset * itemsize, length
 
 
-def coalesce(pieces: Sequence[Piece]) -> list[Piece]:
+def merge_adjacent(pieces: Sequence[Piece]) -> list[Piece]:
     """Merge neighbours that are adjacent on both sides (same source, same experts)."""
     out: list[Piece] = []
     for p in pieces:
@@ -127,7 +127,7 @@ def coalesce(pieces: Sequence[Piece]) -> list[Piece]:
 @dataclass(slots=True)
 class TensorPlan:
     """How one destination tensor is filled. ``spec`` is one source's descriptor, kept for its
-    role facts (shape, role, axis, heads); its offset belongs to that source only."""
+    style facts (shape, role, axis, heads); its offset belongs to that source only."""
 
     name: str
     spec: ShardDescriptor
@@ -174,85 +174,93 @@ class RefitPlan:
         return out
 
 
-_FACTS = ("global_shape", "dtype", "role", "shard_axis", "num_heads", "num_kv_heads", "num_experts")
-
-
-def _facts(d: ShardDescriptor) -> tuple:
-    return (
-        d.global_shape,
-        d.dtype,
-        d.role,
-        d.shard_axis,
-        d.num_heads,
-        d.num_kv_heads,
-        d.num_experts,
-    )
+# The facts every source of one tensor must agree on (offsets and ranges may differ).
+_FACTS = (
+    "global_shape",
+    "dtype",
+    "style",
+    "shard_axis",
+    "num_heads",
+    "num_kv_heads",
+    "num_experts",
+)
 
 
 def _disagreement(entries: list[tuple[int, ShardDescriptor]]) -> str | None:
-    first = _facts(entries[0][1])
+    first = entries[0][1]
     for rank, d in entries[1:]:
-        facts = _facts(d)
-        if facts != first:
-            i = next(i for i, (a, b) in enumerate(zip(first, facts, strict=True)) if a != b)
-            return (
-                f"field {_FACTS[i]!r}: sources disagree ({first[i]} vs {facts[i]} on rank {rank})"
-            )
+        for f in _FACTS:
+            if getattr(d, f) != getattr(first, f):
+                return (
+                    f"field {f!r}: sources disagree ({getattr(first, f)} vs {getattr(d, f)} "
+                    f"on rank {rank})"
+                )
     return None
 
 
-def _intersect(want: list[tuple[int, int]], have: list[tuple[int, int, int, int]]):
-    """Cut the wanted global intervals (destination order) by sorted source intervals
-    ``(lo, hi, key, local_offset)``. Returns ``(pieces, gaps)`` with pieces as
-    ``(key, src_lo, src_hi, dst_lo, dst_hi)`` in local coordinates."""
-    los = [h[0] for h in have]
-    pieces, gaps = [], []
-    dst_at = 0
+@dataclass(frozen=True, slots=True)
+class _Held:
+    """Global rows ``[lo, hi)`` that source ``key`` holds, starting at its local row ``local``."""
+
+    lo: int
+    hi: int
+    key: int
+    local: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Cut:
+    """Local rows ``src`` of source ``key`` fill local rows ``dst`` of the destination."""
+
+    key: int
+    src: tuple[int, int]
+    dst: tuple[int, int]
+
+
+def _intersect(want: list[tuple[int, int]], held: list[_Held]) -> tuple[list[_Cut], list]:
+    """Cut the wanted global intervals (in destination order) by the sorted source intervals.
+    Returns the cuts and the wanted rows no source holds (gaps)."""
+    los = [h.lo for h in held]
+    cuts: list[_Cut] = []
+    gaps: list[tuple[int, int]] = []
+    dst_at = 0  # where the current wanted interval starts in the destination
     for lo, hi in want:
         cur, i = lo, max(bisect_right(los, lo) - 1, 0)
-        while cur < hi and i < len(have):
-            s_lo, s_hi, key, s_off = have[i]
-            if s_lo > cur:
-                gaps.append((cur, min(s_lo, hi)))
-                cur = min(s_lo, hi)
+        while cur < hi and i < len(held):
+            h = held[i]
+            if h.lo > cur:
+                gaps.append((cur, min(h.lo, hi)))
+                cur = min(h.lo, hi)
                 continue
-            if s_hi > cur:
-                end = min(hi, s_hi)
-                pieces.append(
-                    (
-                        key,
-                        s_off + cur - s_lo,
-                        s_off + end - s_lo,
-                        dst_at + cur - lo,
-                        dst_at + end - lo,
-                    )
-                )
+            if h.hi > cur:
+                end = min(hi, h.hi)
+                src = (h.local + cur - h.lo, h.local + end - h.lo)
+                cuts.append(_Cut(h.key, src, (dst_at + cur - lo, dst_at + end - lo)))
                 cur = end
             i += 1
         if cur < hi:
             gaps.append((cur, hi))
         dst_at += hi - lo
-    return pieces, gaps
+    return cuts, gaps
 
 
-def _overlaps(have: list[tuple[int, int, int, int]]) -> list[tuple[int, int]]:
+def _overlaps(held: list[_Held]) -> list[tuple[int, int]]:
     out, reach = [], 0
-    for i, (lo, hi, _, _) in enumerate(have):
-        if i and lo < reach:
-            out.append((lo, min(hi, reach)))
-        reach = max(reach, hi)
+    for i, h in enumerate(held):
+        if i and h.lo < reach:
+            out.append((h.lo, min(h.hi, reach)))
+        reach = max(reach, h.hi)
     return out
 
 
-def _source_intervals(shards: list[tuple[int, ShardDescriptor]]) -> list[tuple[int, int, int, int]]:
+def _held_rows(shards: list[tuple[int, ShardDescriptor]]) -> list[_Held]:
     out = []
-    for key, d in shards:
+    for rank, d in shards:
         at = 0
         for lo, hi in d.segments():
-            out.append((lo, hi, key, at))
+            out.append(_Held(lo, hi, rank, at))
             at += hi - lo
-    out.sort()
-    return out
+    return sorted(out, key=lambda h: (h.lo, h.hi, h.key))
 
 
 def _pick_replicas(entries, target: TargetLayout) -> list[tuple[int, ShardDescriptor]]:
@@ -262,6 +270,16 @@ def _pick_replicas(entries, target: TargetLayout) -> list[tuple[int, ShardDescri
     for rank, d in entries:
         groups.setdefault((d.shard_range, d.expert_ids), []).append((rank, d))
     return [g[target.slot % len(g)] for g in groups.values()]
+
+
+def _row_pieces(name, axis, want, shards, experts=None) -> tuple[list[Piece], list[str]]:
+    """Pieces filling the wanted rows from ``shards``; ``experts`` is the (source, destination)
+    expert range they all carry, for grouped expert tensors."""
+    held = _held_rows(shards)
+    cuts, gaps = _intersect(want, held)
+    src_e, dst_e = experts or (None, None)
+    pieces = [Piece(c.key, name, axis, c.src, c.dst, src_e, dst_e) for c in cuts]
+    return pieces, _coverage_reasons(axis, gaps, _overlaps(held))
 
 
 def _plan_tensor(name, entries, target: TargetLayout) -> tuple[TensorPlan | None, list[str]]:
@@ -278,46 +296,43 @@ def _plan_tensor(name, entries, target: TargetLayout) -> tuple[TensorPlan | None
             expert_range(spec.num_experts, target.ep_size, target.ep_rank) if spec.grouped else None
         )
     except ValueError as e:
-        return None, [f"field 'role' ({spec.role}): {e}"]
+        return None, [f"field 'style' ({spec.style}): {e}"]
     shards = _pick_replicas(entries, target)
-    axis, reasons = spec.shard_axis, []
-    dst_shape = destination_shape(spec, want, e_want)
-    raw: list[tuple[int, int, int, int, int, tuple | None, tuple | None]] = []
-    if e_want is not None:
+    axis = spec.shard_axis
+    pieces: list[Piece] = []
+    reasons: list[str] = []
+    if e_want is None:
+        pieces, reasons = _row_pieces(name, axis, want, shards)
+    else:
+        # grouped experts: first which source run holds which experts, then rows within each
         runs: dict[tuple[int, int], list[tuple[int, ShardDescriptor]]] = {}
         for rank, d in shards:
             runs.setdefault((d.expert_ids[0], d.expert_ids[0] + len(d.expert_ids)), []).append(
                 (rank, d)
             )
         run_keys = sorted(runs)
-        have_e = [(lo, hi, i, 0) for i, (lo, hi) in enumerate(run_keys)]
-        e_pieces, e_gaps = _intersect([e_want], have_e)
+        held_e = [_Held(lo, hi, i, 0) for i, (lo, hi) in enumerate(run_keys)]
+        e_cuts, e_gaps = _intersect([e_want], held_e)
         reasons += [
             f"field 'expert_ids': experts [{a}, {b}) published by no source" for a, b in e_gaps
         ]
         reasons += [
             f"field 'expert_ids': sources overlap on experts [{a}, {b})"
-            for a, b in _overlaps(have_e)
+            for a, b in _overlaps(held_e)
         ]
-        for run, s_lo, s_hi, d_lo, d_hi in e_pieces:
-            have = _source_intervals(runs[run_keys[run]])
-            pieces, gaps = _intersect(want, have)
-            reasons += _coverage_reasons(axis, gaps, _overlaps(have))
-            raw += [(k, a, b, c, d, (s_lo, s_hi), (d_lo, d_hi)) for k, a, b, c, d in pieces]
-    else:
-        have = _source_intervals(shards)
-        pieces, gaps = _intersect(want, have)
-        reasons += _coverage_reasons(axis, gaps, _overlaps(have))
-        raw += [(k, a, b, c, d, None, None) for k, a, b, c, d in pieces]
+        for ec in e_cuts:
+            run_pieces, run_reasons = _row_pieces(
+                name, axis, want, runs[run_keys[ec.key]], (ec.src, ec.dst)
+            )
+            pieces += run_pieces
+            reasons += run_reasons
     if reasons:
         return None, reasons
-    by_rank = dict(shards)
-    item = spec.element_size
+    dst_shape = destination_shape(spec, want, e_want)
+    local_shapes = {rank: d.local_shape for rank, d in shards}
     plan_pieces = [
-        _with_bytes(p, by_rank[p.src_rank].local_shape, dst_shape, item)
-        for p in coalesce(
-            [Piece(k, name, axis, (a, b), (c, d), se, de) for k, a, b, c, d, se, de in raw]
-        )
+        _with_bytes(p, local_shapes[p.src_rank], dst_shape, spec.element_size)
+        for p in merge_adjacent(pieces)
     ]
     return TensorPlan(name, spec, tuple(dst_shape), plan_pieces), []
 
@@ -466,7 +481,10 @@ class PlanCache:
         target: TargetLayout,
         model_config: RefitModelConfig | None = None,
     ) -> RefitPlan:
-        """The cached plan for this key, or a freshly built one (complete or not)."""
+        """The cached plan for this key, or a freshly built one (complete or not). A hit still
+        checks that the manifests are one version of one publisher set, as ``plan_refit``
+        does: a mixed set never rides on a plan cached from a consistent one."""
+        _check_manifests(manifests)
         key = self.key(manifests, target, model_config)
         plan = self._plans.get(key)
         if plan is not None:

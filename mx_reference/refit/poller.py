@@ -15,19 +15,9 @@ import contextlib
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
-
-class StagingReceiver(Protocol):
-    """What the poller needs from a receiver (``RefitReceiver`` implements it)."""
-
-    applied_version: int
-
-    def latest_version(self) -> int | None: ...
-
-    def stage(self, version: int) -> Any: ...
-
-    def commit(self, staged: Any) -> Any: ...
+from mx_reference.refit.receiver import RefitReceiver
 
 
 class EngineGate:
@@ -89,7 +79,7 @@ class RefitPoller:
 
     def __init__(
         self,
-        receiver: StagingReceiver,
+        receiver: RefitReceiver,
         pause: Callable[[float], None],
         resume: Callable[[], None],
         config: PollerConfig | None = None,

@@ -7,9 +7,9 @@ across versions whose layout is unchanged, so steady-state publishing registers 
 version's arena stays untouched until that version is retired: receivers may still be reading it.
 
 Receivers need more than the transport's opaque metadata to address shards: a manifest's
-``agent_metadata`` carries an :class:`Endpoint` envelope (transport metadata, the arena's base
-address, and a source id unique to this publisher incarnation), and each descriptor's ``offset``
-is relative to that base.
+``agent_metadata`` carries a :class:`~mx_reference.refit.wire.Endpoint` (transport metadata,
+the arena's base address and device, and a source id unique to this publisher incarnation), and
+each descriptor's ``offset`` is relative to that base.
 """
 
 from __future__ import annotations
@@ -18,67 +18,30 @@ import hashlib
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
 
 import msgspec
 import torch
 
 from mx_reference.backends import AcceleratorBackend, resolve_backend
-from mx_reference.refit.descriptors import (
+from mx_reference.refit.registry import VersionRegistry
+from mx_reference.refit.wire import (
     DTYPES,
+    Endpoint,
     ShardDescriptor,
     SourceManifest,
+    aligned,
+    encode_endpoint,
     layout_signature,
     make_manifest,
+    shard_digest,
 )
 from mx_reference.transport.base import Registration, Transport
-
-ALIGNMENT = 64  # bytes between shards in an arena; keeps every shard's start aligned
-
-
-class Endpoint(msgspec.Struct, frozen=True, kw_only=True):
-    """How to reach one publisher: ``SourceManifest.agent_metadata`` holds this, encoded."""
-
-    transport_metadata: bytes
-    base_addr: int
-    device_id: int = 0
-    source_id: str  # unique per publisher incarnation: a restarted replica never shadows a dead one
-
-
-def encode_endpoint(e: Endpoint) -> bytes:
-    return msgspec.msgpack.encode(e)
-
-
-def decode_endpoint(data: bytes) -> Endpoint:
-    """Parse a manifest's ``agent_metadata``; ``ValueError`` on anything else."""
-    try:
-        return msgspec.msgpack.decode(data, type=Endpoint)
-    except msgspec.DecodeError as exc:
-        raise ValueError(f"manifest agent_metadata is not a refit Endpoint: {exc}") from None
-
-
-def shard_digest(*pieces: torch.Tensor, axis: int = 0) -> str:
-    """Hex SHA-256 of a shard's bytes, the convention of ``ShardDescriptor.digest``. A shard
-    given as pieces is hashed as their concatenation along ``axis``; along axis 0 that is
-    their bytes one after the other, so contiguous pieces are hashed where they lie."""
-    if axis != 0 and len(pieces) > 1:
-        pieces = (torch.cat(pieces, axis),)
-    h = hashlib.sha256()
-    for piece in pieces:
-        h.update(piece.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().data)
-    return h.hexdigest()
-
-
-class ManifestSink(Protocol):
-    """The part of the version registry a publisher uses."""
-
-    def publish(self, manifest: SourceManifest) -> Any: ...
 
 
 @dataclass
 class PublisherConfig:
     model_id: str
-    role: str = "trainer"  # or "replica"
+    source_kind: str = "trainer"  # or "replica"
     max_live_versions: int = 2  # arenas: one being read while the next is written
 
 
@@ -103,7 +66,7 @@ def arena_offsets(descs: Sequence[ShardDescriptor]) -> tuple[dict[str, int], int
     offsets, end = {}, 0
     for d in descs:
         offsets[d.name] = end
-        end += -(-d.nbytes // ALIGNMENT) * ALIGNMENT
+        end += aligned(d.nbytes)
     return offsets, end
 
 
@@ -117,7 +80,7 @@ class RefitPublisher:
     def __init__(
         self,
         transport: Transport,
-        registry: ManifestSink,
+        registry: VersionRegistry,
         config: PublisherConfig,
         *,
         backend: AcceleratorBackend | None = None,
@@ -131,7 +94,7 @@ class RefitPublisher:
         self.transport, self.registry, self.config = transport, registry, config
         self.backend = resolve_backend(backend)
         self.tp, self.pp, self.ep = tp, pp, ep
-        self.source_id = source_id or f"{config.role}-{uuid.uuid4().hex[:12]}"
+        self.source_id = source_id or f"{config.source_kind}-{uuid.uuid4().hex[:12]}"
         self.stats = PublisherStats()
         self._arenas: list[_Arena] = []
 
@@ -171,7 +134,7 @@ class RefitPublisher:
                 tp=self.tp,
                 pp=self.pp,
                 ep=self.ep,
-                role=self.config.role,
+                source_kind=self.config.source_kind,
                 revision=hashlib.sha256("".join(d.digest for d in finished).encode()).hexdigest(),
                 agent_metadata=encode_endpoint(endpoint),
             )

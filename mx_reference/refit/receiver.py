@@ -1,21 +1,28 @@
 """Inference side of refit: one cycle takes a new weight version into a live model.
 
-A cycle (:meth:`RefitReceiver.refit`, or :meth:`stage` then :meth:`commit`):
+A cycle (:meth:`RefitReceiver.refit`, or :meth:`~RefitReceiver.stage` then
+:meth:`~RefitReceiver.commit`) reads top-down in :meth:`RefitReceiver.stage`:
 
-1. **discover** the newest committed version (trainers first, replicas first on request);
+1. **discover** the version's source manifests (trainers first, replicas first on request);
 2. **plan** this rank's slices (``PlanCache``: a warm cycle with an unchanged layout rebuilds
    nothing);
-3. **alloc + register** destination and scratch arenas, cached by the plan's layout key, so a
-   warm cycle allocates and registers nothing;
+3. **allocate** destination and scratch arenas, cached by the plan's layout, so a warm cycle
+   allocates and registers nothing;
 4. **pull**: one READ per source with every descriptor pair (coalesced); strided pieces
    (row-parallel, axis 1) read the whole source shard into scratch;
-5. **translate**: copy scratch pieces into place, all-gather the replica's slices, merge them
-   into canonical Megatron tensors and translate those to HF names and layouts, as views
-   (:class:`~mx_reference.refit.apply.Regrouped` where the HF shape is none, like q, k, v);
-6. **verify**: the names assembled are exactly the names published, and every source shard
+5. **assemble**: copy scratch pieces into place;
+6. **gather + merge + translate**: all-gather the replica's slices, merge each tensor's shards
+   into its canonical Megatron form and translate to HF names and layouts, as views
+   (:class:`~mx_reference.refit.layouts.Regrouped` where the HF shape is none, like q, k, v);
+7. **verify**: the names assembled are exactly the names published, and every source shard
    re-cut from the assembled tensors has the digest its publisher announced;
-7. **apply** atomically and in place (:mod:`~mx_reference.refit.apply`), copying those views
+8. **apply** atomically and in place (:mod:`~mx_reference.refit.apply`), copying those views
    straight into the parameters, then the post-load hook, exactly once.
+
+The public steps (:meth:`~RefitReceiver.allocate`, :meth:`~RefitReceiver.pull`,
+:meth:`~RefitReceiver.assemble`, :meth:`~RefitReceiver.merge`,
+:meth:`~RefitReceiver.translate`, :meth:`~RefitReceiver.verify`, :meth:`~RefitReceiver.apply`)
+are the seams an engine (or a conformance mutant) overrides; everything else is private.
 
 Why gather Megatron-layout slices rather than HF shards: the publishers' digests are over their
 Megatron shards, so only the source layout lets a replica verify every byte it received; and
@@ -27,28 +34,25 @@ rank's failure becomes a clear error on every rank instead of a hang in the gath
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 
 from mx_reference.backends import AcceleratorBackend, resolve_backend
-from mx_reference.refit.apply import (
-    Regrouped,
-    StagedTensors,
-    apply_in_place,
-    check_staged,
-    model_parameters,
-)
-from mx_reference.refit.descriptors import ShardDescriptor, SourceManifest, name_digest
+from mx_reference.refit.apply import apply_in_place, check_staged, model_parameters
 from mx_reference.refit.gather import all_gather_shards, vote
 from mx_reference.refit.layouts import (
     RefitModelConfig,
+    Regrouped,
+    StagedTensors,
     canonical_from_ranks,
     canonical_from_shards,
     hf_from_canonical,
@@ -56,9 +60,19 @@ from mx_reference.refit.layouts import (
     shard_pieces,
 )
 from mx_reference.refit.planner import PlanCache, RefitPlan, TargetLayout
-from mx_reference.refit.publisher import ALIGNMENT, decode_endpoint, shard_digest
 from mx_reference.refit.registry import VersionRegistry
+from mx_reference.refit.wire import (
+    ShardDescriptor,
+    SourceManifest,
+    aligned,
+    decode_endpoint,
+    name_digest,
+    shard_digest,
+)
 from mx_reference.transport.base import MemDesc, Registration, RemoteDesc, Transport, coalesce
+
+if TYPE_CHECKING:
+    from mx_reference.refit.replicas import ReplicaDirectory
 
 
 class RefitError(RuntimeError):
@@ -69,15 +83,9 @@ class StaleVersion(RefitError):
     """The newest committed version is not newer than the one applied."""
 
 
-class SourceDirectory(Protocol):
-    """Where a receiver finds source sets of a version (``mx_reference.refit.replicas``)."""
-
-    def sources(self, version: int, *, prefer_replicas: bool) -> list[list[SourceManifest]]: ...
-
-
 @dataclass
 class CycleTiming:
-    """One cycle, like the seed's table: seconds per phase plus what setup cost."""
+    """One cycle: seconds per phase plus what setup cost (the seed PR's per-phase table)."""
 
     version: int = 0
     discover: float = 0.0
@@ -93,10 +101,20 @@ class CycleTiming:
     bytes_allocated: int = 0
     bytes_pulled: int = 0
     plan_cache_hit: bool = False
-    source_role: str = "trainer"
+    source_kind: str = "trainer"
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@contextlib.contextmanager
+def _phase(timing: CycleTiming, name: str) -> Iterator[None]:
+    """Add the seconds the block takes to ``timing.<name>``."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        setattr(timing, name, getattr(timing, name) + time.perf_counter() - start)
 
 
 @dataclass
@@ -126,16 +144,23 @@ class Arena:
     views: dict[Any, torch.Tensor] = field(default_factory=dict)
 
 
-class BufferCache:
-    """Registered arenas keyed by layout; a layout seen before costs nothing.
+@dataclass
+class Buffers:
+    """A cycle's arenas: ``dest`` holds this rank's tensors (by name), ``scratch`` the whole
+    source shards strided pieces are cut from (by ``(source rank, name)``)."""
 
-    The cache owns no contents: every tensor handed out is
-    fully rewritten in the cycle that uses it (see ``RefitReceiver._pull``).
-    """
+    dest: Arena | None
+    scratch: Arena | None
+
+
+class BufferCache:
+    """Registered arenas keyed by layout, least recently used evicted first; a layout seen
+    before costs nothing. The cache owns no contents: every tensor handed out is fully
+    rewritten in the cycle that uses it."""
 
     def __init__(self, transport: Transport, backend: AcceleratorBackend, max_entries: int = 4):
         self.transport, self.backend, self.max_entries = transport, backend, max_entries
-        self._arenas: dict[tuple, Arena] = {}
+        self._arenas: OrderedDict[tuple, Arena] = OrderedDict()
 
     def get(
         self,
@@ -146,26 +171,22 @@ class BufferCache:
         """The arena for ``layout``; allocation and registration land in ``timing``."""
         arena = self._arenas.get(key)
         if arena is not None:
+            self._arenas.move_to_end(key)
             return arena
-        t0 = time.perf_counter()
-        offsets, end = [], 0
-        for _, shape, dtype in layout:
-            offsets.append(end)
-            end += -(-torch.Size(shape).numel() * dtype.itemsize // ALIGNMENT) * ALIGNMENT
-        device = self.backend.torch_device()
-        buffer = torch.zeros(end, dtype=torch.uint8, device=device)
-        t1 = time.perf_counter()
-        registration = self.transport.register([buffer])
-        timing.alloc += t1 - t0
-        timing.register += time.perf_counter() - t1
+        sizes = [torch.Size(shape).numel() * dtype.itemsize for _, shape, dtype in layout]
+        with _phase(timing, "alloc"):
+            total = sum(aligned(n) for n in sizes)
+            buffer = torch.zeros(total, dtype=torch.uint8, device=self.backend.torch_device())
+        with _phase(timing, "register"):
+            registration = self.transport.register([buffer])
         timing.registrations += 1
-        timing.bytes_allocated += end
-        arena = Arena(buffer, registration)
-        for (key_i, shape, dtype), at in zip(layout, offsets, strict=True):
-            nbytes = torch.Size(shape).numel() * dtype.itemsize
-            arena.views[key_i] = buffer[at : at + nbytes].view(dtype).view(shape)
+        timing.bytes_allocated += total
+        arena, at = Arena(buffer, registration), 0
+        for (name, shape, dtype), nbytes in zip(layout, sizes, strict=True):
+            arena.views[name] = buffer[at : at + nbytes].view(dtype).view(shape)
+            at += aligned(nbytes)
         if len(self._arenas) >= self.max_entries:
-            _, old = self._arenas.popitem()
+            _, old = self._arenas.popitem(last=False)
             self.transport.deregister(old.registration)
         self._arenas[key] = arena
         return arena
@@ -182,8 +203,10 @@ class RefitReceiver:
     ``target`` is this rank's own TP position (never derived from its global rank). ``group``
     is the inference replica's process group (``None`` for one rank); its members all-gather
     their slices, ordered by ``target.tp_rank``. ``owns(name)`` narrows which Megatron tensors
-    this rank pulls (an inference PP stage); by default all. ``post_load(model)`` runs once per
-    apply (FP8 re-quantization, fused-layout rebuilds) and must tolerate running every cycle.
+    this rank pulls (an inference PP stage); by default all. ``directory`` lists replica
+    sources besides the trainers (:class:`~mx_reference.refit.replicas.ReplicaDirectory`).
+    ``post_load(model)`` runs once per apply (FP8 re-quantization, fused-layout rebuilds) and
+    must tolerate running every cycle.
     """
 
     def __init__(
@@ -197,7 +220,7 @@ class RefitReceiver:
         model_config: RefitModelConfig,
         backend: AcceleratorBackend | None = None,
         group: dist.ProcessGroup | None = None,
-        directory: SourceDirectory | None = None,
+        directory: ReplicaDirectory | None = None,
         owns: Callable[[str], bool] | None = None,
         post_load: Callable[[torch.nn.Module], None] | None = None,
     ):
@@ -228,60 +251,41 @@ class RefitReceiver:
         """Wait for a version ``>= min_version`` (default: newer than applied), stage, apply."""
         wanted = self.applied_version + 1 if min_version is None else min_version
         start = time.perf_counter()
-        try:
-            version = self.registry.wait_for_version(
-                self.config.model_id, wanted, timeout=self.config.timeout_s
-            )
-        except TimeoutError as exc:
-            older = self.registry.discover(self.config.model_id)
-            if older:
-                raise StaleVersion(
-                    f"newest committed version {older[0]} is not >= {wanted} after "
-                    f"{self.config.timeout_s:.3g} s (applied: {self.applied_version})"
-                ) from exc
-            raise
-        staged = self.stage(version, _discover_s=time.perf_counter() - start)
+        version = self._wait_for(wanted)
+        waited = time.perf_counter() - start
+        staged = self.stage(version)
+        staged.timing.discover += waited
+        staged.timing.total += waited
         return self.commit(staged)
 
-    def stage(self, version: int, *, _discover_s: float = 0.0) -> StagedVersion:
+    def stage(self, version: int) -> StagedVersion:
         """Everything but apply: the model is not touched, so this may overlap inference."""
         if version <= self.applied_version:
             raise StaleVersion(
                 f"version {version} is not newer than the applied version {self.applied_version}"
             )
-        timing = CycleTiming(version=version, discover=_discover_s)
-        start = time.perf_counter() - _discover_s
-        ok, error, local = False, "", {}
+        timing = CycleTiming(version=version)
+        start = time.perf_counter()
         failure: Exception | None = None
         try:
-            t0 = time.perf_counter()
-            manifests = self._discover(version, timing)
-            timing.discover += time.perf_counter() - t0
-            t0 = time.perf_counter()
-            plan = self._plan(manifests, timing)
-            timing.plan = time.perf_counter() - t0
-            dest, scratch = self._buffers(plan, manifests, timing)
-            t0 = time.perf_counter()
-            self._pull(plan, manifests, dest, scratch, timing)
-            timing.pull = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            local = self._assemble(plan, dest, scratch)
-            timing.translate = time.perf_counter() - t0
-            ok = True
+            with _phase(timing, "discover"):
+                manifests = self._sources(version)
+            timing.source_kind = manifests[0].source_kind
+            with _phase(timing, "plan"):
+                plan = self._plan(manifests, timing)
+            buffers = self.allocate(plan, manifests, timing)
+            with _phase(timing, "pull"):
+                timing.bytes_pulled = self.pull(plan, manifests, buffers)
+            with _phase(timing, "translate"):
+                local = self.assemble(plan, buffers)
         except Exception as exc:  # reported to the replica through the vote, then re-raised
-            error = f"{type(exc).__name__}: {exc}"
             failure = exc
-        if not vote(ok, self.group):
-            if not ok:
-                raise RefitError(f"v{version}: {error}") from failure
-            raise RefitError(f"v{version}: another rank of this replica failed; nothing applied")
-        t0 = time.perf_counter()
-        canonical = self._gather(plan, local)
-        tensors = StagedTensors(self._translate(canonical))
-        timing.translate += time.perf_counter() - t0
-        t0 = time.perf_counter()
-        self.verify(manifests, canonical, tensors)
-        timing.verify = time.perf_counter() - t0
+        self._vote(version, failure)
+        with _phase(timing, "translate"):
+            canonical = self._gather(plan, local)
+            tensors = StagedTensors(self.translate(canonical))
+        with _phase(timing, "verify"):
+            self.verify(manifests, canonical, tensors)
         timing.total = time.perf_counter() - start
         return StagedVersion(version, tensors, canonical, timing)
 
@@ -291,22 +295,116 @@ class RefitReceiver:
             raise StaleVersion(
                 f"staged v{staged.version} is not newer than applied v{self.applied_version}"
             )
-        t0 = time.perf_counter()
-        self.apply(staged.tensors)
-        self.backend.synchronize()
-        if self.post_load is not None:
-            self.post_load(self.model)
+        with _phase(staged.timing, "apply"):
+            self.apply(staged.tensors)
+            self.backend.synchronize()
+            if self.post_load is not None:
+                self.post_load(self.model)
         self.applied_version = staged.version
-        staged.timing.apply = time.perf_counter() - t0
         staged.timing.total += staged.timing.apply
         self.history.append(staged.timing)
         return staged.timing
 
-    # -- steps (small and overridable: conformance mutants replace them) ----------------------
+    def close(self) -> None:
+        self.buffers.close()
 
-    def apply(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        """All-or-nothing in-place copy; parameter storage never moves."""
-        apply_in_place(self.params, tensors)
+    # -- the seams -------------------------------------------------------------------------
+
+    def allocate(
+        self, plan: RefitPlan, manifests: Sequence[SourceManifest], timing: CycleTiming
+    ) -> Buffers:
+        """Destination arena (this rank's tensors at their plan shapes) and scratch arena
+        (whole source shards that strided pieces are cut from), both cached by layout."""
+        owned = [t for name, t in plan.tensors.items() if self.owns(name)]
+        dest = [(t.name, t.dst_shape, t.dtype) for t in owned]
+        by_rank = {m.rank: {d.name: d for d in m.tensors} for m in manifests}
+        scratch = sorted(
+            {
+                ((p.src_rank, t.name), by_rank[p.src_rank][t.name].local_shape, t.dtype)
+                for t in owned
+                for p in t.pieces
+                if not p.direct
+            },
+            key=lambda e: e[0],
+        )
+        return Buffers(
+            self.buffers.get(("dest", tuple(dest)), dest, timing) if dest else None,
+            self.buffers.get(("scratch", tuple(scratch)), scratch, timing) if scratch else None,
+        )
+
+    def pull(self, plan: RefitPlan, manifests: Sequence[SourceManifest], buffers: Buffers) -> int:
+        """One READ per source: direct pieces land in their destination views, strided ones
+        read their whole source shard into scratch once. Returns the bytes pulled."""
+        pairs: dict[int, list[tuple[MemDesc, RemoteDesc]]] = {}
+        whole: set[tuple[int, str]] = set()
+        sources = {m.rank: _Source(m, self._agent(m)) for m in manifests}
+        for name, t in plan.tensors.items():
+            if not self.owns(name):
+                continue
+            assert buffers.dest is not None
+            dview = buffers.dest.views[name]
+            for p in t.pieces:
+                src = sources[p.src_rank]
+                if p.direct:
+                    assert p.src_bytes is not None and p.dst_bytes is not None
+                    offset, length = p.src_bytes
+                    local = MemDesc(dview.data_ptr() + p.dst_bytes[0], length)
+                    pairs.setdefault(p.src_rank, []).append(
+                        (local, src.remote(name, offset, length))
+                    )
+                elif (p.src_rank, name) not in whole:
+                    assert buffers.scratch is not None
+                    whole.add((p.src_rank, name))
+                    nbytes = src.shards[name].nbytes
+                    local = MemDesc(buffers.scratch.views[(p.src_rank, name)].data_ptr(), nbytes)
+                    pairs.setdefault(p.src_rank, []).append((local, src.remote(name, 0, nbytes)))
+        handles = []
+        try:
+            for rank in sorted(pairs):
+                handles.append(self.transport.make_read(coalesce(pairs[rank])))
+            for h in handles:
+                self.transport.post(h)
+            for h in handles:
+                self.transport.wait(h, self.config.timeout_s)
+            return sum(h.nbytes for h in handles)
+        finally:
+            for h in handles:
+                self.transport.release(h, cancel=True)
+
+    def assemble(self, plan: RefitPlan, buffers: Buffers) -> dict[str, torch.Tensor]:
+        """Copy strided pieces out of scratch; return this rank's destination tensors."""
+        out = {}
+        for name, t in plan.tensors.items():
+            if not self.owns(name):
+                continue
+            assert buffers.dest is not None
+            dview = buffers.dest.views[name]
+            for p in t.pieces:
+                if not p.direct:
+                    assert buffers.scratch is not None
+                    p.dst_view(dview).copy_(p.src_view(buffers.scratch.views[(p.src_rank, name)]))
+            out[name] = dview
+        return out
+
+    def merge(self, spec: ShardDescriptor, shards: list[torch.Tensor]) -> torch.Tensor:
+        """One tensor's shards from every replica rank (TP order) -> its canonical form."""
+        return canonical_from_shards(
+            spec, shards, vocab_divisible_by=self.target.vocab_divisible_by
+        )
+
+    def translate(
+        self, canonical: Mapping[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor | Regrouped]:
+        """Canonical Megatron -> HF tensors for this model's parameters, on its device; views
+        of ``canonical`` wherever possible (apply makes the copies)."""
+        hf = hf_from_canonical(canonical, self.model_config, self.config.expert_layout)
+        out: dict[str, torch.Tensor | Regrouped] = {}
+        for name, t in hf.entries.items():
+            if name in self.params:
+                out[name] = t.to(self.params[name].device)
+            elif name not in self._aliases:
+                raise RefitError(f"{name}: translated tensor has no parameter in the model")
+        return out
 
     def verify(
         self,
@@ -342,16 +440,33 @@ class RefitReceiver:
                 )
         check_staged(self.params, tensors)
 
-    def _discover(self, version: int, timing: CycleTiming) -> list[SourceManifest]:
-        if self.directory is not None:
-            sets = self.directory.sources(version, prefer_replicas=self.config.prefer_replicas)
-            if not sets:
-                raise RefitError(f"v{version}: no source set found")
-            manifests = sets[0]
-        else:
-            manifests = self.registry.manifests(self.config.model_id, version)
-        timing.source_role = manifests[0].role
-        return manifests
+    def apply(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """All-or-nothing in-place copy; parameter storage never moves."""
+        apply_in_place(self.params, tensors)
+
+    # -- private steps ---------------------------------------------------------------------
+
+    def _wait_for(self, wanted: int) -> int:
+        try:
+            return self.registry.wait_for_version(
+                self.config.model_id, wanted, timeout=self.config.timeout_s
+            )
+        except TimeoutError as exc:
+            older = self.registry.discover(self.config.model_id)
+            if older:
+                raise StaleVersion(
+                    f"newest committed version {older[0]} is not >= {wanted} after "
+                    f"{self.config.timeout_s:.3g} s (applied: {self.applied_version})"
+                ) from exc
+            raise
+
+    def _sources(self, version: int) -> list[SourceManifest]:
+        if self.directory is None:
+            return self.registry.manifests(self.config.model_id, version)
+        sets = self.directory.sources(version, prefer_replicas=self.config.prefer_replicas)
+        if not sets:
+            raise RefitError(f"v{version}: no source set found")
+        return sets[0]
 
     def _plan(self, manifests: Sequence[SourceManifest], timing: CycleTiming) -> RefitPlan:
         hits = self.plans.hits
@@ -359,107 +474,12 @@ class RefitReceiver:
         timing.plan_cache_hit = self.plans.hits > hits
         return plan
 
-    def _buffers(self, plan: RefitPlan, manifests: Sequence[SourceManifest], timing: CycleTiming):
-        """Destination arena (this rank's tensors) and scratch arena (whole source shards that
-        strided pieces are cut from), both cached by layout."""
-        owned = [t for name, t in plan.tensors.items() if self.owns(name)]
-        dest_layout = [(t.name, t.dst_shape, t.dtype) for t in owned]
-        by_rank = {m.rank: {d.name: d for d in m.tensors} for m in manifests}
-        scratch_layout = sorted(
-            {
-                ((p.src_rank, t.name), by_rank[p.src_rank][t.name].local_shape, t.dtype)
-                for t in owned
-                for p in t.pieces
-                if not p.direct
-            },
-            key=lambda e: e[0],
-        )
-        arenas = []
-        for kind, layout in (("dest", dest_layout), ("scratch", scratch_layout)):
-            arenas.append(
-                self.buffers.get((kind, tuple(layout)), layout, timing) if layout else None
-            )
-        return arenas[0], arenas[1]
-
-    def _pull(
-        self,
-        plan: RefitPlan,
-        manifests: Sequence[SourceManifest],
-        dest: Arena | None,
-        scratch: Arena | None,
-        timing: CycleTiming,
-    ) -> None:
-        """One READ per source: direct pieces land in their destination views, strided ones
-        read their whole source shard into scratch once."""
-        by_rank = {m.rank: m for m in manifests}
-        pairs: dict[int, list[tuple[MemDesc, RemoteDesc]]] = {}
-        whole: set[tuple[int, str]] = set()
-        for name, t, dview in self._owned(plan, dest):
-            for p in t.pieces:
-                m = by_rank[p.src_rank]
-                d = next(x for x in m.tensors if x.name == name)
-                if p.direct:
-                    assert p.src_bytes is not None and p.dst_bytes is not None
-                    src_off, length = p.src_bytes
-                    local = MemDesc(dview.data_ptr() + p.dst_bytes[0], length)
-                    pairs.setdefault(p.src_rank, []).append(
-                        (local, self._remote(m, d.offset + src_off, length))
-                    )
-                elif (p.src_rank, name) not in whole:
-                    assert scratch is not None
-                    whole.add((p.src_rank, name))
-                    sview = scratch.views[(p.src_rank, name)]
-                    local = MemDesc(sview.data_ptr(), d.nbytes)
-                    pairs.setdefault(p.src_rank, []).append(
-                        (local, self._remote(m, d.offset, d.nbytes))
-                    )
-        handles = []
-        try:
-            for rank, rank_pairs in sorted(pairs.items()):
-                agent = self._agent(by_rank[rank])
-                fixed = [(lo, RemoteDesc(agent, r.addr, r.length)) for lo, r in rank_pairs]
-                handles.append(self.transport.make_read(coalesce(fixed)))
-            for h in handles:
-                self.transport.post(h)
-            for h in handles:
-                self.transport.wait(h, self.config.timeout_s)
-                timing.bytes_pulled += h.nbytes
-        finally:
-            for h in handles:
-                self.transport.release(h, cancel=True)
-
-    def _owned(self, plan: RefitPlan, dest: Arena | None):
-        """``(name, tensor plan, destination view)`` of every tensor this rank pulls."""
-        for name, t in plan.tensors.items():
-            if self.owns(name):
-                assert dest is not None
-                yield name, t, dest.views[name]
-
-    def _remote(self, m: SourceManifest, offset: int, length: int) -> RemoteDesc:
-        endpoint = decode_endpoint(m.agent_metadata)
-        return RemoteDesc("", endpoint.base_addr + offset, length, endpoint.device_id)
-
-    def _agent(self, m: SourceManifest) -> str:
-        """The transport agent of a source, loading (or refreshing) its metadata if new."""
-        endpoint = decode_endpoint(m.agent_metadata)
-        known = self._remotes.get(endpoint.source_id)
-        if known is None or known[0] != endpoint.transport_metadata:
-            agent = self.transport.add_remote(endpoint.transport_metadata)
-            self._remotes[endpoint.source_id] = (endpoint.transport_metadata, agent)
-        return self._remotes[endpoint.source_id][1]
-
-    def _assemble(
-        self, plan: RefitPlan, dest: Arena | None, scratch: Arena | None
-    ) -> dict[str, torch.Tensor]:
-        """Copy strided pieces out of scratch; return this rank's destination tensors."""
-        out = {}
-        for name, t, dview in self._owned(plan, dest):
-            for p in t.pieces:
-                if not p.direct:
-                    assert scratch is not None
-                    p.dst_view(dview).copy_(p.src_view(scratch.views[(p.src_rank, name)]))
-            out[name] = dview
-        return out
+    def _vote(self, version: int, failure: Exception | None) -> None:
+        if vote(failure is None, self.group):
+            return
+        if failure is not None:
+            raise RefitError(f"v{version}: {type(failure).__name__}: {failure}") from failure
+        raise RefitError(f"v{version}: another rank of this replica failed; nothing applied")
 
     def _gather(
         self, plan: RefitPlan, local: Mapping[str, torch.Tensor]
@@ -471,27 +491,27 @@ class RefitReceiver:
         for tp_rank, tensors in all_gather_shards(self.target.tp_rank, local, self.group):
             by_tp.setdefault((tp_rank, 0), {}).update(tensors)
         specs = {name: t.spec for name, t in plan.tensors.items()}
-        return canonical_from_ranks(by_tp, specs, tp_size=self.target.tp_size, merge=self._merge)
+        return canonical_from_ranks(by_tp, specs, tp_size=self.target.tp_size, merge=self.merge)
 
-    def _merge(self, spec: ShardDescriptor, shards: list[torch.Tensor]) -> torch.Tensor:
-        """One tensor's shards from every replica rank (TP order) -> its canonical form."""
-        return canonical_from_shards(
-            spec, shards, vocab_divisible_by=self.target.vocab_divisible_by
-        )
+    def _agent(self, m: SourceManifest) -> str:
+        """The transport agent of a source, loading (or refreshing) its metadata if new."""
+        endpoint = decode_endpoint(m.agent_metadata)
+        known = self._remotes.get(endpoint.source_id)
+        if known is None or known[0] != endpoint.transport_metadata:
+            agent = self.transport.add_remote(endpoint.transport_metadata)
+            self._remotes[endpoint.source_id] = (endpoint.transport_metadata, agent)
+        return self._remotes[endpoint.source_id][1]
 
-    def _translate(
-        self, canonical: Mapping[str, torch.Tensor]
-    ) -> dict[str, torch.Tensor | Regrouped]:
-        """Canonical Megatron -> HF tensors for this model's parameters, on its device; views
-        of ``canonical`` wherever possible (apply makes the copies)."""
-        hf = hf_from_canonical(canonical, self.model_config, self.config.expert_layout)
-        out: dict[str, torch.Tensor | Regrouped] = {}
-        for name, t in hf.entries.items():
-            if name in self.params:
-                out[name] = t.to(self.params[name].device)
-            elif name not in self._aliases:
-                raise RefitError(f"{name}: translated tensor has no parameter in the model")
-        return out
 
-    def close(self) -> None:
-        self.buffers.close()
+class _Source:
+    """One source rank of a cycle: its shards by name and where its arena lies."""
+
+    def __init__(self, manifest: SourceManifest, agent: str):
+        self.shards = {d.name: d for d in manifest.tensors}
+        self.endpoint = decode_endpoint(manifest.agent_metadata)
+        self.agent = agent
+
+    def remote(self, name: str, offset: int, length: int) -> RemoteDesc:
+        """``length`` bytes at ``offset`` inside shard ``name``, on the source's own device."""
+        addr = self.endpoint.base_addr + self.shards[name].offset + offset
+        return RemoteDesc(self.agent, addr, length, self.endpoint.device_id)

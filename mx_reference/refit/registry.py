@@ -20,7 +20,7 @@ from datetime import timedelta
 import msgspec
 import torch.distributed as dist
 
-from mx_reference.refit.descriptors import SourceManifest, decode_manifest, encode_manifest
+from mx_reference.refit.wire import SourceManifest, decode_manifest, encode_manifest
 
 _POLL_S = 0.01
 # Store.set / compare_set take bytes at runtime; torch's stubs say str, hence the ignores below.

@@ -18,11 +18,11 @@ import msgspec
 import torch.distributed as dist
 
 from mx_reference.backends import AcceleratorBackend
-from mx_reference.refit.descriptors import SourceManifest
 from mx_reference.refit.layouts import megatron_shards_from_hf
 from mx_reference.refit.publisher import PublisherConfig, RefitPublisher
 from mx_reference.refit.receiver import RefitReceiver
 from mx_reference.refit.registry import VersionRegistry
+from mx_reference.refit.wire import SourceManifest
 from mx_reference.transport.base import Transport
 
 _POLL_S = 0.01
@@ -92,7 +92,7 @@ class ReplicaSource:
         self.publisher = RefitPublisher(
             transport,
             directory.registry,
-            PublisherConfig(directory.replica_model(self.source_id), role="replica"),
+            PublisherConfig(directory.replica_model(self.source_id), source_kind="replica"),
             backend=backend,
             source_id=self.source_id,
         )

@@ -1,6 +1,6 @@
 """Transports refit pulls tensors through: descriptors, one protocol (``base``), NIXL (``nixl``).
 
-The simulated implementation with fault injection lives in ``mx_sim.transport``.
+The simulated implementation with fault injection lives in ``mx_sim.sim_transport``.
 """
 
 from mx_reference.transport.base import (
@@ -15,7 +15,7 @@ from mx_reference.transport.base import (
     TransportError,
     XferHandle,
 )
-from mx_reference.transport.descriptors import (
+from mx_reference.transport.memory import (
     LocalView,
     MemDesc,
     ReadPair,

@@ -7,7 +7,7 @@ validation, the handle state machine, release order, the call log and every bloc
 its deadline — and leaves the data movement to a handful of ``_primitive`` methods:
 
 * ``mx_reference.transport.nixl.NixlTransport`` — real NIXL (UCX backend).
-* ``mx_sim.transport.SimTransport`` — processes exchanging bytes through shared memory, with
+* ``mx_sim.sim_transport.SimTransport`` — processes exchanging bytes through shared memory, with
   deterministic fault injection.
 
 Contract (enforced for both): register before publishing metadata (a region registered later
@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from mx_reference.transport.descriptors import (
+from mx_reference.transport.memory import (
     LocalView,
     MemDesc,
     ReadPair,

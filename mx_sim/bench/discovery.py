@@ -25,7 +25,7 @@ from mx_reference.discovery import (
     find_hidden_accel_tensors,
     iter_module_tensors,
 )
-from mx_sim.backends import CpuMockBackend
+from mx_sim.cpu_mock import CpuMockBackend
 from mx_sim.report import BenchResult
 from mx_sim.scenarios.discovery import SyntheticConfig, build_synthetic_model
 

@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 from mx_reference.graphs import check_ledger, extract_tensor_addresses
-from mx_sim.backends import CpuMockBackend
-from mx_sim.models import build_tiny_model
+from mx_sim.cpu_mock import CpuMockBackend
+from mx_sim.fixtures import build_tiny_model
 from mx_sim.report import BenchResult
 from mx_sim.scenarios.graphs import llama_prefill, prefill_runner
 

@@ -11,15 +11,16 @@ import pathlib
 import statistics
 import time
 
-from mx_reference.refit import PlanCache, ShardDescriptor, TargetLayout, make_manifest, plan_refit
+from mx_reference.refit import PlanCache, ShardDescriptor, TargetLayout, plan_refit
 from mx_reference.refit.layouts import tp_range, vocab_range
+from mx_reference.refit.wire import make_manifest
 from mx_sim.report import BenchResult
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, FFN, EXPERTS, VOCAB = 2048, 32, 4, 128, 768, 128, 151936
 
 
 def _tensors(layers: int) -> list[tuple[str, tuple[int, ...], str, dict]]:
-    """(name, global shape, role, extra descriptor fields) of the whole model."""
+    """(name, global shape, style, extra descriptor fields) of the whole model."""
     out = [("model.embed_tokens.weight", (VOCAB, HIDDEN), "vocab_parallel", {})]
     for i in range(layers):
         p = f"model.layers.{i}."
@@ -55,20 +56,20 @@ def build_manifests(layers: int, tp: int) -> list:
     manifests = []
     for rank in range(tp):
         descs, offset = [], 0
-        for name, shape, role, extra in tensors:
-            axis = 1 if role == "row" else 0
+        for name, shape, style, extra in tensors:
+            axis = 1 if style == "row" else 0
             rng = None
             local = list(shape)
-            if role != "replicated":
+            if style != "replicated":
                 rng = (
                     vocab_range(shape[0], tp, rank)
-                    if role == "vocab_parallel"
+                    if style == "vocab_parallel"
                     else tp_range(shape[axis], tp, rank)
                 )
                 local[axis] = rng[1] - rng[0]
             nbytes = 2 * local[0] * (local[1] if len(local) > 1 else 1)
             d = ShardDescriptor(
-                name=name, global_shape=shape, dtype="bfloat16", role=role,
+                name=name, global_shape=shape, dtype="bfloat16", style=style,
                 placement="replicate" if rng is None else "shard", shard_axis=axis,
                 shard_range=rng, nbytes=nbytes, offset=offset, **extra,
             )  # fmt: skip

@@ -15,12 +15,12 @@ import statistics
 from pathlib import Path
 
 from mx_reference.refit.receiver import CycleTiming
-from mx_sim.models import TinyModelSpec
+from mx_sim.cluster.topology import TopologySpec
+from mx_sim.fixtures import TinyModelSpec
 from mx_sim.plots import stacked_bars
-from mx_sim.refit_rig import RefitRig, RigConfig
-from mx_sim.refit_sim import run_topology
+from mx_sim.refit.multiprocess import run_topology
+from mx_sim.refit.rig import RefitRig, RigConfig
 from mx_sim.report import BenchResult
-from mx_sim.topology import TopologySpec
 
 STACKED = ("discover", "plan", "alloc", "register", "pull", "translate", "verify", "apply")
 # about 50 MB of float32 weights: large enough that moving bytes dominates a warm cycle

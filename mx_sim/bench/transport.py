@@ -26,10 +26,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from mx_reference.transport import MemDesc, Transport, desc_of
-from mx_sim.backends import CpuMockBackend
+from mx_reference.transport import MemDesc, desc_of
 from mx_sim.plots import bars
 from mx_sim.report import BenchResult
+from mx_sim.sim_transport import make_transport
 
 GOAL_RATIO = 0.8
 STYLES = ("copy", "copy_1thread", "one_desc", "prepped_300", "coalesced_300")
@@ -50,19 +50,9 @@ def _split(nbytes: int, parts: int) -> list[tuple[int, int]]:
     return [(a, b - a) for a, b in zip(cuts, cuts[1:], strict=False)]
 
 
-def _transport(kind: str, name: str, *, serves: bool) -> Transport:
-    if kind == "sim":
-        from mx_sim.transport import SimTransport
-
-        return SimTransport(name)
-    from mx_reference.transport.nixl import NixlConfig, NixlTransport
-
-    return NixlTransport(name, CpuMockBackend(), NixlConfig(progress_thread=serves))
-
-
 def _source(kind: str, path: str, nbytes: int) -> None:
     s = _store(path)
-    with _transport(kind, "bench-source", serves=True) as t:
+    with make_transport(kind, "bench-source", serves=True) as t:
         flat = torch.randint(0, 256, (nbytes,), dtype=torch.uint8)  # [nbytes]
         t.register([flat])
         s.set("md", t.metadata())  # type: ignore[arg-type]  # Store.set takes bytes too
@@ -91,7 +81,7 @@ def _measure(kind: str, nbytes: int, reps: int, tmp: str) -> dict[str, float]:
     proc.start()
     try:
         s = _store(path)
-        with _transport(kind, "bench-reader", serves=False) as t:
+        with make_transport(kind, "bench-reader", serves=False) as t:
             dst = torch.zeros(nbytes, dtype=torch.uint8)  # [nbytes]
             start = time.perf_counter()
             t.register([dst])

@@ -39,7 +39,7 @@ def pytest_configure(config):
     spec = adapter_spec(config)
     if spec is None:
         return
-    from mx_sim.conformance.runner import load_factory
+    from mx_sim.conformance.run_checks import load_factory
 
     try:  # one clear usage error, not the same error once per check
         load_factory(spec)
@@ -56,8 +56,8 @@ def pytest_collection_modifyitems(config, items):
     path = config.getoption("--mx-xfails")
     if adapter_spec(config) is None or not path:
         return
-    from mx_sim.conformance.registry import all_checks
-    from mx_sim.conformance.runner import matches_entry, read_xfails, stale_entries
+    from mx_sim.conformance.catalog import all_checks
+    from mx_sim.conformance.run_checks import matches_entry, read_xfails, stale_entries
 
     xfails = read_xfails(Path(path))
     for entry in stale_entries(xfails, all_checks()):
@@ -97,8 +97,8 @@ def pytest_runtest_makereport(item, call):
 
 
 def _report(config):
-    from mx_sim.conformance.registry import CHECKS
-    from mx_sim.conformance.runner import CheckResult, ConformanceReport
+    from mx_sim.conformance.catalog import CHECKS
+    from mx_sim.conformance.run_checks import CheckResult, ConformanceReport
 
     report = ConformanceReport(adapter_spec(config) or "", [])
     for check_id, (status, reason, seconds) in sorted(config._mx_results.items()):

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import pytest
 
+from mx_sim.conformance.catalog import all_checks
 from mx_sim.conformance.plugin import adapter_spec
-from mx_sim.conformance.registry import all_checks
-from mx_sim.conformance.runner import load_factory
+from mx_sim.conformance.run_checks import load_factory
 
 CHECKS = all_checks()
 

@@ -25,8 +25,8 @@ from mx_reference.discovery import (
     capture_tensor_attrs,
     discover,
 )
-from mx_sim.backends import CpuMockBackend
-from mx_sim.models import MODEL_BUILDERS, build_tiny_model
+from mx_sim.cpu_mock import CpuMockBackend
+from mx_sim.fixtures import MODEL_BUILDERS, build_tiny_model
 from mx_sim.report import ScenarioResult
 
 

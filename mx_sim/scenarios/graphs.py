@@ -23,8 +23,8 @@ from mx_reference.graphs import (
     diff_ledgers,
     module_address_ledger,
 )
-from mx_sim.backends import CpuMockBackend
-from mx_sim.models import build_tiny_model, fixed_prompt
+from mx_sim.cpu_mock import CpuMockBackend
+from mx_sim.fixtures import build_tiny_model, fixed_prompt
 from mx_sim.report import ScenarioResult
 
 SEQ_LEN = 8

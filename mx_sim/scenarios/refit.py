@@ -1,9 +1,12 @@
-"""``mx-sim run`` refit scenarios: the CI topology matrix, 3 cycles each, in real processes.
+"""``mx-sim run`` refit scenarios: the CI matrix (:mod:`mx_sim.refit.matrix`), 3 cycles each, in
+real processes; or one custom topology; or one fault.
 
-Each row passes when every receiver went from version A to version B in every tensor (A != B)
+A row passes when every receiver went from version A to version B in every tensor (A != B)
 in each cycle, its logits matched the trainer's model bit for bit, and warm cycles registered
-and allocated nothing. ``timings`` holds the last (warm) cycle of the slowest receiver rank;
-``details`` every receiver rank's per-cycle records.
+and allocated nothing. A fault row passes when the fault was contained: every rank ended with a
+clear error (or was the one killed) and no receiver's model changed. ``timings`` holds the last
+(warm) cycle of the slowest receiver rank; ``details`` every receiver rank's per-cycle records
+and, for a fault, one line per rank.
 """
 
 from __future__ import annotations
@@ -12,45 +15,30 @@ from dataclasses import fields
 from pathlib import Path
 
 from mx_reference.refit.planner import IncompleteRefitPlan
-from mx_sim.models import TinyModelSpec
-from mx_sim.refit_sim import RefitRunResult, plan_topology, run_topology
+from mx_sim.cluster.topology import TopologySpec
+from mx_sim.refit.faults import FAULTS, Fault
+from mx_sim.refit.matrix import FAULT_TOPOLOGY, MATRIX, QUICK, MatrixRow
+from mx_sim.refit.multiprocess import RefitRunResult, run_topology
+from mx_sim.refit.planning import plan_topology
 from mx_sim.report import REFIT_PHASES, ScenarioResult
-from mx_sim.topology import TopologySpec
 
 PHASES = (*REFIT_PHASES, "total")
-
-# name -> (topology, model kind, model spec, replica fan-out)
-MATRIX: dict[str, tuple[TopologySpec, str, TinyModelSpec | None, bool]] = {
-    "refit TP1->TP1": (TopologySpec(), "llama", None, False),
-    "refit TP2->TP1": (TopologySpec(trainer_tp=2), "llama", None, False),
-    "refit TP1->TP2": (TopologySpec(inference_tp=2), "qwen2", None, False),
-    "refit TP2->TP4 GQA": (TopologySpec(trainer_tp=2, inference_tp=4), "llama", None, False),
-    "refit PP2xTP2->TP4": (
-        TopologySpec(trainer_tp=2, trainer_pp=2, inference_tp=4),
-        "llama",
-        None,
-        False,
-    ),
-    "refit EP2->EP1 MoE": (TopologySpec(trainer_ep=2), "mixtral", None, False),
-    # GPT-2 ties lm_head to wte; vocab 200 pads to 256 at TP2, so both trainer ranks hold real
-    # embedding rows and the receiver merges the tied tensor from two shards
-    "refit tied embeddings": (
-        TopologySpec(trainer_tp=2),
-        "gpt2",
-        TinyModelSpec(vocab_size=200),
-        False,
-    ),
-    "refit fan-out 1->1->2": (TopologySpec(replicas=3), "llama", None, True),
-}
-QUICK = ("refit TP2->TP1", "refit TP2->TP4 GQA", "refit EP2->EP1 MoE")
+CUSTOM_KEYS = ("model", *(f.name for f in fields(TopologySpec)))
+OPTION_KEYS = ("transport", "cycles", "fault", *CUSTOM_KEYS)
 
 
 def to_scenario(name: str, result: RefitRunResult, cycles: int = 3) -> ScenarioResult:
     receivers = result.receiver_cycles()
+    last = max((cs[-1] for cs in receivers if cs), key=lambda c: c["total"], default={})
+    details = {"receivers": receivers, "label": result.label, "ranks": result.rank_lines()}
+    if "[" in result.label:  # a fault run: contained or not
+        detail = "contained: " if result.passed else "NOT contained: "
+        detail += "; ".join(result.errors[:2]) or "no rank reported an error"
+        return ScenarioResult(name, result.passed, detail, result.bytes_moved, result.seconds,
+                              {p: last[p] for p in PHASES if p in last}, details)  # fmt: skip
     warm_ok = all(
         c["registrations"] == 0 and c["bytes_allocated"] == 0 for cs in receivers for c in cs[1:]
     )
-    last = max((cs[-1] for cs in receivers if cs), key=lambda c: c["total"], default={})
     passed = result.passed and warm_ok and all(len(cs) == cycles for cs in receivers)
     detail = (
         "bit-exact logits, warm cycles 0 registrations"
@@ -64,50 +52,75 @@ def to_scenario(name: str, result: RefitRunResult, cycles: int = 3) -> ScenarioR
         bytes_moved=result.bytes_moved,
         seconds=result.seconds,
         timings={p: last[p] for p in PHASES if p in last},
-        details={"receivers": receivers, "label": result.label},
+        details=details,
     )
 
 
-CUSTOM_KEYS = ("model", *(f.name for f in fields(TopologySpec)))
+def _custom(options: dict) -> MatrixRow | None:
+    custom = {k: options[k] for k in CUSTOM_KEYS if k in options}
+    if not custom:
+        return None
+    kind = custom.pop("model", "llama")
+    return MatrixRow(TopologySpec(**custom), kind)
+
+
+def _fault(options: dict, row: MatrixRow | None) -> tuple[Fault, MatrixRow]:
+    """The fault the user named, on their topology or the fault topology. Without a rank it
+    strikes trainer rank 0, or the last receiver rank; without a cycle, cycle 2."""
+    row = row or MatrixRow(FAULT_TOPOLOGY)
+    kind, *rest = options["fault"].split(":")
+    if kind in FAULTS and len(rest) < 2:
+        rank = 0 if FAULTS[kind].side == "trainer" else row.spec.world_size - 1
+        rest = [*(rest or ["2"]), str(rank)]
+    return Fault.parse(":".join([kind, *rest])), row
 
 
 def validate_options(options: dict) -> None:
-    """Reject a custom topology that cannot be refit (TP not dividing the KV heads...) with a
-    one-line ``ValueError``, by planning it in threads before any process is spawned."""
-    custom = {k: v for k, v in options.items() if k in CUSTOM_KEYS}
-    if not custom:
+    """Reject what cannot run with a one-line ``ValueError`` before any process is spawned: a
+    bad fault, or a custom topology that cannot be refit (TP not dividing the KV heads...),
+    found by planning it in threads."""
+    row = _custom(options)
+    if "fault" in options:
+        fault, row = _fault(options, row)
+        fault.check_rank(row.spec)
+    if row is None:
         return
-    kind = custom.pop("model", "llama")
-    spec = TopologySpec(**custom)
     try:
-        plan_topology(spec, kind)
+        plan_topology(row.spec, row.kind)
     except IncompleteRefitPlan as exc:
         first = str(exc).removeprefix("refit plan incomplete: ").split("; ")[0]
-        raise ValueError(f"topology {spec.label()} cannot refit {kind}: {first}") from exc
+        raise ValueError(f"topology {row.spec.label()} cannot refit {row.kind}: {first}") from exc
 
 
 def run(out_dir: Path, quick: bool, options: dict | None = None) -> list[ScenarioResult]:
-    """The matrix (``quick``: a subset), or one custom topology when ``options`` set any of
-    ``CUSTOM_KEYS``; ``transport`` ("sim" or "nixl") and ``cycles`` apply to every row."""
+    """The matrix (``quick``: a subset), one custom topology when ``options`` set any of
+    ``CUSTOM_KEYS``, or one ``fault`` (``KIND[:cycle[:rank]]``) on it; ``transport`` ("sim" or
+    "nixl") and ``cycles`` apply to every row."""
     options = dict(options or {})
-    transport, cycles = options.pop("transport", "sim"), options.pop("cycles", 3)
-    matrix = MATRIX
-    if any(k in options for k in CUSTOM_KEYS):
-        kind = options.pop("model", "llama")
-        spec = TopologySpec(**options)
-        matrix = {f"refit {spec.label()} {kind}": (spec, kind, None, False)}
+    transport, cycles = options.get("transport", "sim"), options.get("cycles", 3)
+    custom = _custom(options)
+    if "fault" in options:
+        fault, row = _fault(options, custom)
+        result = run_topology(
+            row.spec, row.kind, cycles, transport, fault, out_dir, timeout_s=3.0, deadline_s=60
+        )
+        return [to_scenario(f"refit {row.spec.label()} fault {fault.kind}", result, cycles)]
+    if custom is not None:
+        matrix = {f"refit {custom.spec.label()} {custom.kind}": custom}
     elif quick:
         matrix = {k: v for k, v in MATRIX.items() if k in QUICK}
+    else:
+        matrix = MATRIX
     rows = []
-    for name, (spec, kind, model_spec, fanout) in matrix.items():
+    for name, row in matrix.items():
         result = run_topology(
-            spec,
-            kind,
+            row.spec,
+            row.kind,
             cycles=cycles,
             transport=transport,
             out_dir=out_dir,
-            model_spec=model_spec,
-            fanout=fanout,
+            model_spec=row.model_spec,
+            fanout=row.fanout,
         )
         rows.append(to_scenario(name, result, cycles))
     return rows

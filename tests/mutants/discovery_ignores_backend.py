@@ -6,8 +6,8 @@ directly; modelexpress issue #439 "filter no-rdma tensor")."""
 from __future__ import annotations
 
 from mx_reference.discovery import discover
-from mx_sim.adapters import ReferenceAdapter
-from mx_sim.backends import CpuMockBackend
+from mx_sim.conformance.adapters import ReferenceAdapter
+from mx_sim.cpu_mock import CpuMockBackend
 
 
 class IgnoresBackendAdapter(ReferenceAdapter):

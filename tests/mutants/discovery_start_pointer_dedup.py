@@ -6,8 +6,8 @@ reference keeps the tensor spanning each overlap cluster)."""
 from __future__ import annotations
 
 from mx_reference.discovery import STORAGE_SUFFIX, PublishedTensor, iter_module_tensors
-from mx_sim.adapters import ReferenceAdapter
-from mx_sim.backends import CpuMockBackend
+from mx_sim.conformance.adapters import ReferenceAdapter
+from mx_sim.cpu_mock import CpuMockBackend
 
 
 class StartPointerDedupAdapter(ReferenceAdapter):

@@ -8,8 +8,8 @@ from __future__ import annotations
 import dataclasses
 
 from mx_reference.discovery import discover
-from mx_sim.adapters import ReferenceAdapter
-from mx_sim.backends import CpuMockBackend
+from mx_sim.conformance.adapters import ReferenceAdapter
+from mx_sim.cpu_mock import CpuMockBackend
 
 
 class TieSentTwiceAdapter(ReferenceAdapter):

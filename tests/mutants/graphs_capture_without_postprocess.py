@@ -6,8 +6,8 @@ before it took ``postprocess_fn``; seed 004)."""
 
 from __future__ import annotations
 
-from mx_sim.adapters import ReferenceAdapter
-from mx_sim.backends import CpuMockBackend
+from mx_sim.conformance.adapters import ReferenceAdapter
+from mx_sim.cpu_mock import CpuMockBackend
 
 
 class NoPostprocessAdapter(ReferenceAdapter):

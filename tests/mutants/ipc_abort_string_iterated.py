@@ -6,8 +6,8 @@ path iterated the characters of a lone request id; seed 002)."""
 from __future__ import annotations
 
 from mx_reference.ipc import TensorBuffer
-from mx_sim.adapters import ReferenceAdapter
-from mx_sim.backends import CpuMockBackend
+from mx_sim.conformance.adapters import ReferenceAdapter
+from mx_sim.cpu_mock import CpuMockBackend
 
 
 class CharacterAbortBuffer(TensorBuffer):

@@ -7,17 +7,17 @@ from __future__ import annotations
 
 import torch
 
-from mx_reference.refit.descriptors import GATED_ROLES
 from mx_reference.refit.receiver import RefitReceiver
-from mx_sim.adapters import ReferenceAdapter
-from mx_sim.backends import CpuMockBackend
+from mx_reference.refit.wire import GATED_STYLES
+from mx_sim.conformance.adapters import ReferenceAdapter
+from mx_sim.cpu_mock import CpuMockBackend
 
 
 class HalfSplitReceiver(RefitReceiver):
-    def _merge(self, spec, shards):
-        if spec.role in GATED_ROLES:
+    def merge(self, spec, shards):
+        if spec.style in GATED_STYLES:
             return torch.cat(shards, dim=spec.shard_axis)  # the bug: halved later as [gate; up]
-        return super()._merge(spec, shards)
+        return super().merge(spec, shards)
 
 
 class HalfSplitAdapter(ReferenceAdapter):

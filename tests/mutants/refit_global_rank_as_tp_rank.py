@@ -7,8 +7,8 @@ verl #7080 has the group-relative variant)."""
 from __future__ import annotations
 
 from mx_reference.refit.planner import TargetLayout
-from mx_sim.adapters import ReferenceAdapter
-from mx_sim.backends import CpuMockBackend
+from mx_sim.conformance.adapters import ReferenceAdapter
+from mx_sim.cpu_mock import CpuMockBackend
 
 
 class GlobalRankAdapter(ReferenceAdapter):

@@ -8,12 +8,12 @@ import dataclasses
 
 from mx_reference.refit.planner import RefitPlan
 from mx_reference.refit.receiver import RefitReceiver
-from mx_sim.adapters import ReferenceAdapter
-from mx_sim.backends import CpuMockBackend
+from mx_sim.conformance.adapters import ReferenceAdapter
+from mx_sim.cpu_mock import CpuMockBackend
 
 
 class LastRankFullAxisReceiver(RefitReceiver):
-    def _buffers(self, plan, manifests, timing):
+    def allocate(self, plan, manifests, timing):
         if self.target.tp_size > 1 and self.target.tp_rank == self.target.tp_size - 1:
             tensors = {}
             for name, t in plan.tensors.items():
@@ -21,7 +21,7 @@ class LastRankFullAxisReceiver(RefitReceiver):
                 shape[t.spec.shard_axis] = t.spec.global_shape[t.spec.shard_axis]  # the bug
                 tensors[name] = dataclasses.replace(t, dst_shape=tuple(shape))
             plan = RefitPlan(plan.target, tensors)
-        return super()._buffers(plan, manifests, timing)
+        return super().allocate(plan, manifests, timing)
 
 
 class LastRankFullAxisAdapter(ReferenceAdapter):

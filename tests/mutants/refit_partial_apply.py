@@ -10,16 +10,17 @@ import logging
 from mx_reference.refit.apply import check_staged
 from mx_reference.refit.receiver import RefitReceiver
 from mx_reference.transport.base import TransportError
-from mx_sim.adapters import ReferenceAdapter
-from mx_sim.backends import CpuMockBackend
+from mx_sim.conformance.adapters import ReferenceAdapter
+from mx_sim.cpu_mock import CpuMockBackend
 
 
 class PartialApplyReceiver(RefitReceiver):
-    def _pull(self, plan, manifests, dest, scratch, timing):
+    def pull(self, plan, manifests, buffers):
         try:
-            super()._pull(plan, manifests, dest, scratch, timing)
+            return super().pull(plan, manifests, buffers)
         except TransportError as exc:  # the bug: go on with what arrived
             logging.getLogger(__name__).warning("refit pull failed, retrying next cycle: %s", exc)
+            return 0
 
     def verify(self, manifests, canonical, tensors):
         check_staged(self.params, tensors)  # shapes only: the transport is trusted

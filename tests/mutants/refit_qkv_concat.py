@@ -5,15 +5,15 @@ shared/reference/refit.md, user pain points: layout)."""
 
 from __future__ import annotations
 
-from mx_reference.refit import megatron_name_map
+from mx_reference.refit.name_maps import megatron_name_map
 from mx_reference.refit.receiver import RefitReceiver
-from mx_sim.adapters import ReferenceAdapter
-from mx_sim.backends import CpuMockBackend
+from mx_sim.conformance.adapters import ReferenceAdapter
+from mx_sim.cpu_mock import CpuMockBackend
 
 
 class QkvConcatReceiver(RefitReceiver):
-    def _translate(self, canonical):
-        out = super()._translate(canonical)
+    def translate(self, canonical):
+        out = super().translate(canonical)
         cfg = self.model_config
         q_rows, kv_rows = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         for megatron, hf in megatron_name_map(cfg).items():

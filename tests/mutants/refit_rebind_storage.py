@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from mx_reference.refit.apply import check_staged
 from mx_reference.refit.receiver import RefitReceiver
-from mx_sim.adapters import ReferenceAdapter
-from mx_sim.backends import CpuMockBackend
+from mx_sim.conformance.adapters import ReferenceAdapter
+from mx_sim.cpu_mock import CpuMockBackend
 
 
 class RebindReceiver(RefitReceiver):

@@ -7,17 +7,18 @@ the scratch path stayed in the cached ``plan_dests``)."""
 from __future__ import annotations
 
 from mx_reference.refit.receiver import RefitReceiver
-from mx_sim.adapters import ReferenceAdapter
-from mx_sim.backends import CpuMockBackend
+from mx_sim.conformance.adapters import ReferenceAdapter
+from mx_sim.cpu_mock import CpuMockBackend
 
 
 class StaleScratchReceiver(RefitReceiver):
-    def _assemble(self, plan, dest, scratch):
+    def assemble(self, plan, buffers):
+        scratch = buffers.scratch
         if scratch is not None and getattr(scratch, "assembled", False):
-            return {name: view for name, _, view in self._owned(plan, dest)}  # the bug
+            return {name: buffers.dest.views[name] for name in plan.tensors}  # the bug
         if scratch is not None:
             scratch.assembled = True
-        return super()._assemble(plan, dest, scratch)
+        return super().assemble(plan, buffers)
 
 
 class StaleScratchAdapter(ReferenceAdapter):

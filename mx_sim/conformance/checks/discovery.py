@@ -19,8 +19,8 @@ from torch import nn
 from mx_reference import adapter as caps
 from mx_reference.backends import AcceleratorBackend, CudaBackend
 from mx_reference.discovery import DiscoveryManifest, find_hidden_accel_tensors
-from mx_sim.backends import CpuMockBackend
-from mx_sim.conformance.registry import check
+from mx_sim.conformance.catalog import check
+from mx_sim.cpu_mock import CpuMockBackend
 from mx_sim.scenarios.discovery import SyntheticConfig, build_synthetic_model, coverage_errors
 
 SYNTHETIC = SyntheticConfig(layers=1, experts=2)

@@ -15,8 +15,8 @@ import torch
 
 from mx_reference import adapter as caps
 from mx_reference.graphs import InputAddressError
-from mx_sim.conformance.registry import check
-from mx_sim.models import build_tiny_model
+from mx_sim.conformance.catalog import check
+from mx_sim.fixtures import build_tiny_model
 from mx_sim.scenarios.graphs import llama_prefill
 
 RTOL = ATOL = 1e-5  # replays may pick other kernels than eager on CUDA

@@ -18,7 +18,7 @@ import torch
 from mx_reference import adapter as caps
 from mx_reference.ipc import DecodeError, request_scope
 from mx_reference.ipc.codec import EXT_TENSOR, FRAME, HANDLE, INLINE, TORCH_DTYPES
-from mx_sim.conformance.registry import check
+from mx_sim.conformance.catalog import check
 
 DTYPES = sorted(TORCH_DTYPES.values(), key=str)
 _SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}

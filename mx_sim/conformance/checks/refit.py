@@ -1,15 +1,17 @@
 """Conformance checks: refit.*
 
 Each check builds the adapter's model (``build_model``) and receiver (``make_receiver`` with
-:class:`~mx_reference.refit.receiver.RefitReceiver`'s keyword arguments), lets reference trainer
-ranks publish weight versions, and compares what the receiver applied with the trainer's model
-at that version (:mod:`._refit_rig`). The receiver contract the checks use:
+:class:`~mx_reference.refit.receiver.RefitReceiver`'s keyword arguments), lets the simulator's
+trainer ranks publish weight versions (:class:`~mx_sim.refit.rig.RefitRig`), and compares what
+the receiver applied with the trainer's model at that version
+(:class:`~mx_sim.refit.ranks.ReceiverRank`). The receiver contract the checks use:
 ``refit(version)`` returns the cycle's timing (``registrations``, ``bytes_allocated``,
 ``bytes_pulled``), and ``close()``.
 """
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -17,62 +19,68 @@ import torch
 from mx_reference import adapter as caps
 from mx_reference.graphs.ledger import Ledger, diff_ledgers, module_address_ledger
 from mx_reference.refit.apply import model_digest, model_parameters
-from mx_reference.refit.descriptors import make_manifest
-from mx_reference.refit.layouts import RefitModelConfig, megatron_shards_from_hf
+from mx_reference.refit.layouts import megatron_shards_from_hf
 from mx_reference.refit.planner import TargetLayout, assemble, plan_refit
-from mx_reference.refit.publisher import ALIGNMENT
-from mx_sim.conformance.checks._refit_rig import (
-    MODEL_ID,
-    Replica,
-    Trainers,
-    build,
-    check_cycle,
-    check_logits,
-    snapshot,
-    trainer_model,
-    trainer_params,
-)
-from mx_sim.conformance.registry import check
-from mx_sim.models import TinyModelSpec
-from mx_sim.refit_sim import pp_stage
-from mx_sim.transport import FaultPlan
+from mx_reference.refit.wire import ALIGNMENT, make_manifest
+from mx_sim.conformance.catalog import check
+from mx_sim.fixtures import TinyModelSpec, VersionWeights, pp_stage
+from mx_sim.refit.faults import Fault
+from mx_sim.refit.ranks import MODEL_ID, ReceiverRank, check_cycle, snapshot
+from mx_sim.refit.rig import RefitRig, Replica, RigConfig
 
+TIMEOUT_S = 5.0  # every wait: registry, transfer, gloo collective
 LLAMA = TinyModelSpec()  # GQA: 4 query heads in 2 groups
 UNEVEN = TinyModelSpec(intermediate_size=98)  # fc1 / fc2 rows 24, 24, 24, 26 at TP 4
 TIED = TinyModelSpec(tie_word_embeddings=True)
 
 
-def _cycles(
-    trainers: Trainers, model: torch.nn.Module, receiver: Any, versions: range
-) -> list[Any]:
+def _rig(kind: str, spec: TinyModelSpec, **config: Any) -> RefitRig:
+    return RefitRig(RigConfig(kind, spec, timeout_s=TIMEOUT_S, **config))
+
+
+def build(adapter: Any, kind: str, spec: TinyModelSpec) -> torch.nn.Module:
+    """The adapter's model of ``kind``, from weights no trainer version has (seed 1000)."""
+    return adapter.build_model(kind, seed=1000, **asdict(spec))
+
+
+def _rank(rig: RefitRig, adapter: Any, model: torch.nn.Module, **kw: Any) -> ReceiverRank:
+    """The adapter's receiver for ``model`` as a checked receiver rank."""
+    receiver = rig.new_receiver(model, make=adapter.make_receiver, **kw)
+    return ReceiverRank(receiver, model, rig.weights)
+
+
+def _raise(problems: list[str], who: str = "") -> None:
+    if problems:
+        more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise AssertionError(who + "; ".join(problems[:3]) + more)
+
+
+def _cycles(rig: RefitRig, rank: ReceiverRank, versions: range) -> list[Any]:
     """Publish and refit each version; check every tensor and the logits; return the timings."""
-    timings, previous = [], snapshot(model)
+    timings = []
     for v in versions:
-        trainers.publish(v)
-        before = snapshot(model)
-        timings.append(receiver.refit(v))
-        check_cycle(v, previous, before, model, trainer_params(trainers.kind, trainers.spec, v))
-        check_logits(v, model, trainers.kind, trainers.spec)
-        previous = snapshot(model)
+        rig.publish(v)
+        timing, problems = rank.cycle(v)
+        _raise(problems)
+        timings.append(timing)
     return timings
 
 
 @check("refit.same_layout_bit_exact")
 def same_layout_bit_exact(adapter) -> None:
     """Trainer TP1 -> receiver TP1 over 3 cycles: every tensor goes A -> B, logits match."""
-    with Trainers("llama", LLAMA) as trainers:
-        model = build(adapter, "llama", LLAMA)
-        _cycles(trainers, model, trainers.receiver(adapter, model), range(1, 4))
+    with _rig("llama", LLAMA) as rig:
+        _cycles(rig, _rank(rig, adapter, build(adapter, "llama", LLAMA)), range(1, 4))
 
 
 @check("refit.warm_cycle_scratch", requires=(caps.MIXED_TP,))
 def warm_cycle_scratch(adapter) -> None:
     """Trainer TP2 -> TP1 (strided row-parallel scratch): warm cycles allocate and register
     nothing and still apply the new bytes."""
-    with Trainers("llama", LLAMA, tp=2) as trainers:
-        model = build(adapter, "llama", LLAMA)
-        cold, *warm = _cycles(trainers, model, trainers.receiver(adapter, model), range(1, 4))
-        plan = plan_refit(trainers.registry.manifests(MODEL_ID, 3), TargetLayout())
+    with _rig("llama", LLAMA, trainer_tp=2) as rig:
+        rank = _rank(rig, adapter, build(adapter, "llama", LLAMA))
+        cold, *warm = _cycles(rig, rank, range(1, 4))
+        plan = plan_refit(rig.registry.manifests(MODEL_ID, 3), TargetLayout())
         assert any(t.assembly == "scratch" for t in plan.tensors.values()), "no scratch piece"
         if cold.registrations < 1 or cold.bytes_allocated <= 0:
             raise AssertionError(
@@ -87,10 +95,10 @@ def warm_cycle_scratch(adapter) -> None:
                 )
 
 
-def _slice_bytes(trainers: Trainers, target: TargetLayout) -> tuple[int, int]:
+def _slice_bytes(rig: RefitRig, target: TargetLayout) -> tuple[int, int]:
     """What one target rank needs: bytes of its destination slices plus the whole source
     shards its strided pieces are cut from, and how many buffers that is."""
-    manifests = trainers.registry.manifests(MODEL_ID, trainers.registry.discover(MODEL_ID)[0])
+    manifests = rig.registry.manifests(MODEL_ID, rig.registry.discover(MODEL_ID)[0])
     plan = plan_refit(manifests, target).require_complete()
     shards = {(m.rank, d.name): d.nbytes for m in manifests for d in m.tensors}
     scratch = {(p.src_rank, n) for n, t in plan.tensors.items() for p in t.pieces if not p.direct}
@@ -103,44 +111,42 @@ def mixed_tp_wider(adapter) -> None:
     """Trainer TP2 -> a TP4 replica (2 KV groups, uneven last rank): each rank's buffers fit
     its slices and every rank's model equals the trainer's."""
     size = 4
-    with Trainers("llama", UNEVEN, tp=2) as trainers, Replica(size) as replica:
-        models = [build(adapter, "llama", UNEVEN) for _ in range(size)]
-        receivers = [
-            trainers.receiver(
+    with _rig("llama", UNEVEN, trainer_tp=2) as rig, Replica(size, TIMEOUT_S) as replica:
+        ranks = [
+            _rank(
+                rig,
                 adapter,
-                model,
-                adapter.target_layout(tp_size=size, tp_rank=r, pp_size=1, pp_rank=0, global_rank=r),
-                replica.groups[r],
+                build(adapter, "llama", UNEVEN),
+                target=adapter.target_layout(
+                    tp_size=size, tp_rank=r, pp_size=1, pp_rank=0, global_rank=r
+                ),
+                group=replica.groups[r],
             )
-            for r, model in enumerate(models)
+            for r in range(size)
         ]
-        previous = [snapshot(m) for m in models]
         for v in (1, 2):
-            trainers.publish(v)
-            before = [snapshot(m) for m in models]
-            timings = replica.map(lambda r: receivers[r].refit(v))  # noqa: B023
-            want = trainer_params("llama", UNEVEN, v)
-            for r, model in enumerate(models):
-                check_cycle(v, previous[r], before[r], model, want, who=f"TP rank {r}: ")
-            check_logits(v, models[-1], "llama", UNEVEN)
-            if v == 1:
-                for r, t in enumerate(timings):
-                    need, buffers = _slice_bytes(trainers, TargetLayout(tp_size=size, tp_rank=r))
-                    if t.bytes_allocated > need + buffers * ALIGNMENT:
-                        raise AssertionError(
-                            f"TP rank {r}: allocated {t.bytes_allocated} bytes for slices of "
-                            f"{need} bytes: a buffer is sized beyond its rank's extent"
-                        )
-            previous = [snapshot(m) for m in models]
+            rig.publish(v)
+            # logits on the last rank only: the others' forwards add nothing but time
+            results = replica.map(lambda r: ranks[r].cycle(v, logits=r == size - 1))  # noqa: B023
+            for r, (timing, problems) in enumerate(results):
+                _raise(problems, f"TP rank {r}: ")
+                if v > 1:
+                    continue
+                need, buffers = _slice_bytes(rig, TargetLayout(tp_size=size, tp_rank=r))
+                if timing.bytes_allocated > need + buffers * ALIGNMENT:
+                    raise AssertionError(
+                        f"TP rank {r}: allocated {timing.bytes_allocated} bytes for slices of "
+                        f"{need} bytes: a buffer is sized beyond its rank's extent"
+                    )
 
 
 @check("refit.pp_target_layout", requires=(caps.PIPELINE_PARALLEL,))
 def pp_target_layout(adapter) -> None:
     """Inference TP2 x PP2: the reported layout places each rank's own TP slice, whatever its
     global rank (TP-fastest after a controller rank, or PP-fastest)."""
-    spec, tp, pp = LLAMA, 2, 2
-    state = trainer_params("llama", spec, 1)
-    cfg = RefitModelConfig.from_hf(trainer_model("llama", spec, 1).config)
+    tp, pp = 2, 2
+    weights = VersionWeights("llama", LLAMA)
+    state, cfg = weights.params(1), weights.model_config
     published = megatron_shards_from_hf(state, cfg, tp_size=1, tp_rank=0)
     manifests = [make_manifest(MODEL_ID, 1, [d for d, _ in published])]
     shards = {0: {d.name: t for d, t in published}}
@@ -170,34 +176,30 @@ def pp_target_layout(adapter) -> None:
 def tied_embeddings(adapter) -> None:
     """Tied embedding: pulled once (bytes pulled == bytes published), lm_head equals the
     embedding and still shares its storage after every cycle."""
-    with Trainers("llama", TIED) as trainers:
+    with _rig("llama", TIED) as rig:
         model = build(adapter, "llama", TIED)
-        receiver = trainers.receiver(adapter, model)
-        previous = snapshot(model)
+        rank = _rank(rig, adapter, model)
         for v in (1, 2):
-            published = trainers.publish(v)
-            before = snapshot(model)
-            timing = receiver.refit(v)
+            rig.publish(v)
+            timing, problems = rank.cycle(v)
             embed, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
             if head.untyped_storage().data_ptr() != embed.untyped_storage().data_ptr():
                 raise AssertionError(f"v{v}: lm_head no longer shares the embedding's storage")
-            check_cycle(v, previous, before, model, trainer_params("llama", TIED, v))
+            _raise(problems)
+            published = rig.published_bytes(v)
             if timing.bytes_pulled != published:
                 raise AssertionError(
                     f"v{v}: pulled {timing.bytes_pulled} bytes of {published} published: "
                     "each tensor must be pulled exactly once"
                 )
-            check_logits(v, model, "llama", TIED)
-            previous = snapshot(model)
 
 
 @check("refit.moe_expert_parallel", requires=(caps.MOE,))
 def moe_expert_parallel(adapter) -> None:
     """Mixtral trainer EP2 -> receiver EP1 over 2 cycles: every expert lands in place."""
     spec = TinyModelSpec()
-    with Trainers("mixtral", spec, ep=2) as trainers:
-        model = build(adapter, "mixtral", spec)
-        _cycles(trainers, model, trainers.receiver(adapter, model), range(1, 3))
+    with _rig("mixtral", spec, trainer_ep=2) as rig:
+        _cycles(rig, _rank(rig, adapter, build(adapter, "mixtral", spec)), range(1, 3))
 
 
 def _check_ledger(adapter, model: torch.nn.Module, ledger: Ledger, what: str) -> None:
@@ -212,10 +214,10 @@ def _check_ledger(adapter, model: torch.nn.Module, ledger: Ledger, what: str) ->
 def in_place_storage(adapter) -> None:
     """Refit copies into the parameters: the address ledger a captured graph relies on is
     unchanged after 2 cycles."""
-    with Trainers("llama", LLAMA) as trainers:
+    with _rig("llama", LLAMA) as rig:
         model = build(adapter, "llama", LLAMA)
         ledger = module_address_ledger(model, backend=adapter.backend)
-        _cycles(trainers, model, trainers.receiver(adapter, model), range(1, 3))
+        _cycles(rig, _rank(rig, adapter, model), range(1, 3))
         _check_ledger(adapter, model, ledger, "refit")
 
 
@@ -223,15 +225,15 @@ def in_place_storage(adapter) -> None:
 def mid_transfer_failure(adapter) -> None:
     """One of two trainer ranks fails its read mid-pull: a clear error, the model digest
     unchanged, and the next version still applies."""
-    failing = FaultPlan(fail_on=1)  # the read it serves in cycle 2
-    with Trainers("llama", LLAMA, pp=2, faults={1: failing}) as trainers:
+    fault = Fault("read_failed", cycle=2, rank=1)
+    with _rig("llama", LLAMA, trainer_pp=2, fault=fault) as rig:
         model = build(adapter, "llama", LLAMA)
-        receiver = trainers.receiver(adapter, model)
-        _cycles(trainers, model, receiver, range(1, 2))
-        trainers.publish(2)
+        rank = _rank(rig, adapter, model)
+        _cycles(rig, rank, range(1, 2))
+        rig.publish(2)
         digest = model_digest(model)
         try:
-            receiver.refit(2)
+            rank.receiver.refit(2)
         except Exception as exc:  # any error type, as long as it says something
             if not str(exc).strip():
                 raise AssertionError(
@@ -241,25 +243,26 @@ def mid_transfer_failure(adapter) -> None:
             raise AssertionError("v2: a source's read failed mid-pull but refit raised nothing")
         if model_digest(model) != digest:
             raise AssertionError("v2 failed mid-pull yet the model changed: a partial apply")
-        trainers.publish(3)
+        rig.publish(3)
         before = snapshot(model)
-        receiver.refit(3)
-        check_cycle(3, before, before, model, trainer_params("llama", LLAMA, 3))
+        rank.receiver.refit(3)
+        _raise(check_cycle(3, before, before, model, rig.weights.params(3)))
 
 
 @check("refit.load_weights_atomic")
 def load_weights_atomic(adapter) -> None:
     """load_weights copies in place; a wrong shape or unknown name raises ValueError naming
     the tensor, with the model untouched."""
+    weights = VersionWeights("llama", LLAMA)
     model = build(adapter, "llama", LLAMA)
     ledger = module_address_ledger(model, backend=adapter.backend)
     previous = snapshot(model)
-    v1 = trainer_params("llama", LLAMA, 1)
+    v1 = weights.params(1)
     adapter.load_weights(model, v1.items())
-    check_cycle(1, previous, previous, model, v1)
+    _raise(check_cycle(1, previous, previous, model, v1))
     _check_ledger(adapter, model, ledger, "load_weights")
     digest = model_digest(model)
-    v2 = list(trainer_params("llama", LLAMA, 2).items())
+    v2 = list(weights.params(2).items())
     name, last = v2[-1]  # last: a loader that streams would have written the others
     unknown = "model.layers.7.mlp.up_proj.weight"
     bad = {

@@ -1,12 +1,15 @@
-"""Wire format: per-tensor shard descriptors and per-rank source manifests.
+"""The refit wire: shard descriptors, per-rank source manifests, the publisher endpoint, the
+shard digest and the arena alignment. Everything a publisher and a receiver must agree on.
 
 Our own versioned msgspec schema, encoded as msgpack. Nothing here is ever pickled, and no
 transport's own descriptor blobs travel in it: a publisher's transport metadata rides along as
-opaque ``agent_metadata`` bytes that only the transport interprets. Only real tensors are
-described: a zero-size or ``__mx_``-prefixed sidecar entry is rejected, because one such entry in
-a NIXL descriptor list once failed a whole transfer.
+opaque ``agent_metadata`` bytes (an :class:`Endpoint`) that only the transport interprets. Only
+real tensors are described: a zero-size or ``__mx_``-prefixed sidecar entry is rejected, because
+one such entry in a NIXL descriptor list once failed a whole transfer.
 
-Range semantics along ``shard_axis`` (end-exclusive, in rows of the global tensor):
+Each descriptor's ``style`` is its tensor-parallel style (the same sense as vLLM's
+``ColumnParallelLinear``/``RowParallelLinear`` or torch's ``ColwiseParallel``). Range semantics
+along ``shard_axis`` (end-exclusive, in rows of the global tensor):
 
 * ``column``, ``row``, ``vocab_parallel``, ``expert_row``, ``qkv_column``: the shard holds
   global rows ``[lo, hi)`` of the global Megatron tensor (for ``qkv_column`` the global tensor is
@@ -16,9 +19,9 @@ Range semantics along ``shard_axis`` (end-exclusive, in rows of the global tenso
 * ``replicated``: the whole tensor (``shard_range`` is ``None``).
 
 Expert tensors come in two layouts: per-expert (one tensor per expert, ``expert_ids`` is the
-one global id; besides the expert roles, HF-style ``column``/``row`` pieces such as a separate
-``gate_proj`` may carry it) and grouped (3-D, experts stacked on axis 0, ``expert_ids`` is the contiguous
-run of global ids this rank holds, ``shard_axis`` is the within-expert axis).
+one global id; besides the expert styles, HF-style ``column``/``row`` pieces such as a separate
+``gate_proj`` may carry it) and grouped (3-D, experts stacked on axis 0, ``expert_ids`` is the
+contiguous run of global ids this rank holds, ``shard_axis`` is the within-expert axis).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import torch
 
 SCHEMA_VERSION = 1
 
-ROLES = (
+STYLES = (
     "column",
     "row",
     "qkv_column",
@@ -41,11 +44,12 @@ ROLES = (
     "expert_column",
     "expert_row",
 )
-GATED_ROLES = ("gated_mlp_column", "expert_column")
-EXPERT_ROLES = ("expert_column", "expert_row")
+GATED_STYLES = ("gated_mlp_column", "expert_column")
+EXPERT_STYLES = ("expert_column", "expert_row")
 PLACEMENTS = ("replicate", "shard", "partial")
-MANIFEST_ROLES = ("trainer", "replica")
+SOURCE_KINDS = ("trainer", "replica")
 SIDECAR_PREFIX = "__mx_"
+ALIGNMENT = 64  # bytes between tensors in every arena: each one starts aligned for any dtype
 
 DTYPES: dict[str, torch.dtype] = {
     "float64": torch.float64,
@@ -67,6 +71,17 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def aligned(nbytes: int) -> int:
+    """``nbytes`` rounded up to a multiple of :data:`ALIGNMENT`."""
+    return -(-nbytes // ALIGNMENT) * ALIGNMENT
+
+
+def gated_segments(extent: int, lo: int, hi: int) -> list[tuple[int, int]]:
+    """Rows ``[lo, hi)`` of each half of a ``[gate; up]`` axis of ``extent`` rows."""
+    half = extent // 2
+    return [(lo, hi), (half + lo, half + hi)]
+
+
 def _bad(name: str, field: str, why: str) -> ValueError:
     return ValueError(f"tensor {name!r}: field {field!r}: {why}")
 
@@ -77,7 +92,7 @@ class ShardDescriptor(msgspec.Struct, frozen=True, kw_only=True):
     name: str
     global_shape: tuple[int, ...]
     dtype: str
-    role: str = "replicated"
+    style: str = "replicated"  # the tensor-parallel style, one of STYLES
     placement: str = "replicate"
     shard_axis: int = 0
     shard_range: tuple[int, int] | None = None
@@ -87,7 +102,7 @@ class ShardDescriptor(msgspec.Struct, frozen=True, kw_only=True):
     num_kv_heads: int = 0  # qkv_column: key/value heads (query groups)
     nbytes: int = 0
     offset: int = 0  # inside the publisher's registered region
-    digest: str = ""  # optional content digest (hex SHA-256 of the shard bytes)
+    digest: str = ""  # optional content digest of the shard bytes (shard_digest)
 
     def __post_init__(self) -> None:
         self._validate()
@@ -95,7 +110,7 @@ class ShardDescriptor(msgspec.Struct, frozen=True, kw_only=True):
     @property
     def grouped(self) -> bool:
         """A stacked expert tensor: experts on axis 0, this rank's run in ``expert_ids``."""
-        return self.role in EXPERT_ROLES and len(self.global_shape) == 3
+        return self.style in EXPERT_STYLES and len(self.global_shape) == 3
 
     @property
     def per_expert(self) -> bool:
@@ -108,7 +123,7 @@ class ShardDescriptor(msgspec.Struct, frozen=True, kw_only=True):
         shape = list(self.global_shape)
         if self.shard_range is not None:
             lo, hi = self.shard_range
-            shape[self.shard_axis] = (hi - lo) * (2 if self.role in GATED_ROLES else 1)
+            shape[self.shard_axis] = (hi - lo) * (2 if self.style in GATED_STYLES else 1)
         if self.grouped:
             shape[0] = len(self.expert_ids)
         return tuple(shape)
@@ -122,17 +137,16 @@ class ShardDescriptor(msgspec.Struct, frozen=True, kw_only=True):
         if self.shard_range is None:
             return [(0, self.global_shape[self.shard_axis])]
         lo, hi = self.shard_range
-        if self.role in GATED_ROLES:
-            half = self.global_shape[self.shard_axis] // 2
-            return [(lo, hi), (half + lo, half + hi)]
+        if self.style in GATED_STYLES:
+            return gated_segments(self.global_shape[self.shard_axis], lo, hi)
         return [(lo, hi)]
 
     def _validate(self) -> None:
         n = self.name
         if not n or n.startswith(SIDECAR_PREFIX):
             raise _bad(n, "name", f"empty or reserved {SIDECAR_PREFIX!r} sidecar name")
-        if self.role not in ROLES:
-            raise _bad(n, "role", f"unknown role {self.role!r}; known: {', '.join(ROLES)}")
+        if self.style not in STYLES:
+            raise _bad(n, "style", f"unknown style {self.style!r}; known: {', '.join(STYLES)}")
         if self.placement not in PLACEMENTS:
             raise _bad(n, "placement", f"unknown placement {self.placement!r}")
         if self.dtype not in DTYPES:
@@ -142,7 +156,7 @@ class ShardDescriptor(msgspec.Struct, frozen=True, kw_only=True):
         if not 0 <= self.shard_axis < len(self.global_shape):
             raise _bad(n, "shard_axis", f"{self.shard_axis} out of range for {self.global_shape}")
         extent = self.global_shape[self.shard_axis]
-        if self.role in GATED_ROLES:
+        if self.style in GATED_STYLES:
             if extent % 2:
                 raise _bad(n, "global_shape", f"gated [gate; up] extent {extent} is odd")
             extent //= 2
@@ -153,9 +167,9 @@ class ShardDescriptor(msgspec.Struct, frozen=True, kw_only=True):
             lo, hi = self.shard_range
             if not 0 <= lo < hi <= extent:
                 raise _bad(n, "shard_range", f"[{lo}, {hi}) not inside [0, {extent})")
-        if self.role == "qkv_column":
+        if self.style == "qkv_column":
             self._validate_heads()
-        if self.role in EXPERT_ROLES or self.expert_ids:
+        if self.style in EXPERT_STYLES or self.expert_ids:
             self._validate_experts()
         want = math.prod(self.local_shape) * self.element_size
         if self.nbytes != want:
@@ -177,8 +191,8 @@ class ShardDescriptor(msgspec.Struct, frozen=True, kw_only=True):
 
     def _validate_experts(self) -> None:
         n, ids, e = self.name, self.expert_ids, self.num_experts
-        if self.role in ("replicated", "qkv_column", "vocab_parallel"):
-            raise _bad(n, "expert_ids", f"set on non-expert role {self.role!r}")
+        if self.style in ("replicated", "qkv_column", "vocab_parallel"):
+            raise _bad(n, "expert_ids", f"set on non-expert style {self.style!r}")
         if not ids or e <= 0 or not all(0 <= i < e for i in ids):
             raise _bad(n, "expert_ids", f"{ids} must be non-empty ids in [0, num_experts={e})")
         if self.grouped:
@@ -197,7 +211,7 @@ class SourceManifest(msgspec.Struct, frozen=True, kw_only=True):
     model_id: str
     version: int  # training step
     revision: str = ""  # content digest of the weights
-    role: str = "trainer"
+    source_kind: str = "trainer"  # one of SOURCE_KINDS
     tp_rank: int = 0
     tp_size: int = 1
     pp_rank: int = 0
@@ -231,7 +245,7 @@ def layout_signature(tensors, *, tp=(0, 1), pp=(0, 1), ep=(0, 1)) -> str:
             d.global_shape,
             d.dtype,
             d.placement,
-            d.role,
+            d.style,
             d.shard_axis,
             d.shard_range,
             d.expert_ids,
@@ -257,7 +271,7 @@ def make_manifest(
     pp: tuple[int, int] = (0, 1),
     ep: tuple[int, int] = (0, 1),
     revision: str = "",
-    role: str = "trainer",
+    source_kind: str = "trainer",
     agent_metadata: bytes = b"",
 ) -> SourceManifest:
     """A validated manifest with its signature and name digest filled in.
@@ -269,7 +283,7 @@ def make_manifest(
         model_id=model_id,
         version=version,
         revision=revision,
-        role=role,
+        source_kind=source_kind,
         tp_rank=tp[0],
         tp_size=tp[1],
         pp_rank=pp[0],
@@ -293,8 +307,8 @@ def validate_manifest(m: SourceManifest) -> None:
             f"{where}: field 'schema_version': {m.schema_version} is newer than "
             f"this reader ({SCHEMA_VERSION})"
         )
-    if m.role not in MANIFEST_ROLES:
-        raise ValueError(f"{where}: field 'role': unknown {m.role!r}")
+    if m.source_kind not in SOURCE_KINDS:
+        raise ValueError(f"{where}: field 'source_kind': unknown {m.source_kind!r}")
     for field in ("tp", "pp", "ep"):
         rank, size = getattr(m, f"{field}_rank"), getattr(m, f"{field}_size")
         if not 0 <= rank < size:
@@ -326,3 +340,39 @@ def decode_manifest(data: bytes) -> SourceManifest:
         raise ValueError(f"bad refit manifest: {e}") from None
     validate_manifest(m)
     return m
+
+
+class Endpoint(msgspec.Struct, frozen=True, kw_only=True):
+    """How to reach one publisher: ``SourceManifest.agent_metadata`` holds this, encoded.
+
+    Each descriptor's ``offset`` is relative to ``base_addr``, on device ``device_id``.
+    """
+
+    transport_metadata: bytes
+    base_addr: int
+    device_id: int = 0
+    source_id: str  # unique per publisher incarnation: a restarted replica never shadows a dead one
+
+
+def encode_endpoint(e: Endpoint) -> bytes:
+    return msgspec.msgpack.encode(e)
+
+
+def decode_endpoint(data: bytes) -> Endpoint:
+    """Parse a manifest's ``agent_metadata``; ``ValueError`` on anything else."""
+    try:
+        return msgspec.msgpack.decode(data, type=Endpoint)
+    except msgspec.DecodeError as exc:
+        raise ValueError(f"manifest agent_metadata is not a refit Endpoint: {exc}") from None
+
+
+def shard_digest(*pieces: torch.Tensor, axis: int = 0) -> str:
+    """Hex SHA-256 of a shard's bytes, the convention of ``ShardDescriptor.digest``. A shard
+    given as pieces is hashed as their concatenation along ``axis``; along axis 0 that is
+    their bytes one after the other, so contiguous pieces are hashed where they lie."""
+    if axis != 0 and len(pieces) > 1:
+        pieces = (torch.cat(pieces, axis),)
+    h = hashlib.sha256()
+    for piece in pieces:
+        h.update(piece.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().data)
+    return h.hexdigest()

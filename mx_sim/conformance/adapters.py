@@ -17,7 +17,7 @@ import torch
 from mx_reference import adapter as caps
 from mx_reference.backends import AcceleratorBackend, CudaBackend
 from mx_reference.discovery import PublishedTensor, capture_tensor_attrs, discover
-from mx_reference.graphs.runner import GraphRunner, RunnerConfig
+from mx_reference.graphs.capture import GraphRunner, RunnerConfig
 from mx_reference.ipc.codec import Decoder, Encoder, InlineChannel, TensorSink, TensorSource
 from mx_reference.ipc.requests import TensorBuffer
 from mx_reference.ipc.shared import (
@@ -29,8 +29,8 @@ from mx_reference.ipc.shared import (
 from mx_reference.refit.apply import apply_in_place, model_parameters
 from mx_reference.refit.planner import TargetLayout
 from mx_reference.refit.receiver import RefitReceiver
-from mx_sim.backends import CpuMockBackend
-from mx_sim.models import TinyModelSpec, build_tiny_model
+from mx_sim.cpu_mock import CpuMockBackend
+from mx_sim.fixtures import TinyModelSpec, build_tiny_model
 
 
 class ReferenceAdapter:
@@ -58,8 +58,8 @@ class ReferenceAdapter:
     # -- models and discovery --------------------------------------------------------------
 
     def build_model(self, kind: str, *, seed: int = 0, **config: Any) -> torch.nn.Module:
-        """``kind`` is a :data:`mx_sim.models.MODEL_BUILDERS` family; ``config`` overrides
-        :class:`~mx_sim.models.TinyModelSpec` fields."""
+        """``kind`` is a :data:`mx_sim.fixtures.MODEL_BUILDERS` family; ``config`` overrides
+        :class:`~mx_sim.fixtures.TinyModelSpec` fields."""
         model = build_tiny_model(kind, TinyModelSpec(**config), seed=seed)
         return model.to(self.backend.torch_device())
 

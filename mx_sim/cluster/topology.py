@@ -139,6 +139,10 @@ class TopologySpec:
             out[f"replica{replica}"] = self.replica_group(replica)
         return out
 
+    def group_name(self, members: list[int]) -> str:
+        """The name :meth:`groups` gives the group of exactly ``members``."""
+        return next(name for name, m in self.groups().items() if m == members)
+
     def groups_of(self, global_rank: int) -> dict[str, list[int]]:
         """The groups ``global_rank`` belongs to, keyed by kind (``tp``, ``pp``, ``replica``)."""
         info = self.rank_info(global_rank)

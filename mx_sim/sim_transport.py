@@ -96,8 +96,8 @@ class _Hello(msgspec.Struct, tag=True):
 class _Read(msgspec.Struct, tag=True):
     xfer: int
     notif: bytes
-    # (remote addr, length, destination file, destination offset)
-    items: list[tuple[int, int, str, int]]
+    # (remote addr, length, remote device id, destination file, destination offset)
+    items: list[tuple[int, int, int, str, int]]
 
 
 class _Notif(msgspec.Struct, tag=True):
@@ -146,8 +146,8 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
 
 @dataclass
 class _Xfer:
-    # (remote addr, length, destination file, destination offset) per descriptor pair
-    items: list[tuple[int, int, str, int]]
+    # (remote addr, length, remote device id, destination file, destination offset) per pair
+    items: list[tuple[int, int, int, str, int]]
     id: int = 0  # of the latest post; replies are matched on it
 
 
@@ -207,12 +207,16 @@ class SimTransport(Transport):
     """A :class:`~mx_reference.transport.base.Transport` over shared memory and Unix sockets.
 
     ``faults`` scripts what happens to the transfers this agent serves. Works between threads
-    of one process and between processes on one host; DRAM only.
+    of one process and between processes on one host; DRAM only. ``device_id`` is the device
+    its registered regions report, standing in for an agent whose memory is on ``cuda:N``: a
+    read must name the device of the region it reads, as it must on NIXL VRAM, so a caller
+    that drops a remote device id fails here too.
     """
 
-    def __init__(self, name: str, faults: FaultPlan | None = None):
+    def __init__(self, name: str, faults: FaultPlan | None = None, *, device_id: int = 0):
         super().__init__(name, NIXL_DRAM)
         self.faults = faults or FaultPlan()
+        self.device_id = device_id
         self.served = 0  # transfers served so far (the FaultPlan's counter)
         self._files = _Files()
         self._served_regions: list[_Region] = []
@@ -250,7 +254,7 @@ class SimTransport(Transport):
             header = os.path.getsize(os.path.join(_SHM_DIR, file.decode().lstrip("/")))
             header -= storage.nbytes()
             offset = header + t.data_ptr() - storage.data_ptr()
-            regions.append(_Region(t.data_ptr(), t.nbytes, 0, file.decode(), offset))
+            regions.append(_Region(t.data_ptr(), t.nbytes, self.device_id, file.decode(), offset))
         self._served_regions.extend(regions)
         return tuple(MemDesc(r.addr, r.length, r.device_id) for r in regions), regions
 
@@ -294,7 +298,8 @@ class SimTransport(Transport):
         items = []
         for lo, re in zip(h.local, h.remote, strict=True):
             region = self._local_region(lo)
-            items.append((re.addr, re.length, region.file, region.offset + lo.addr - region.addr))
+            at = region.offset + lo.addr - region.addr
+            items.append((re.addr, re.length, re.device_id, region.file, at))
         return _Xfer(items)
 
     def _make_prepped_read(
@@ -402,11 +407,14 @@ class SimTransport(Transport):
             return _Reply(req.xfer, error=f"injected failure on served transfer {k}")
         budget = plan.die_after_bytes if k == plan.die_on else None
         copies = []
-        for addr, length, file, offset in req.items:
-            src = next((r for r in self._served_regions if _inside(r, MemDesc(addr, length))), None)
+        for addr, length, device, file, offset in req.items:
+            want = MemDesc(addr, length, device)
+            src = next((r for r in self._served_regions if _inside(r, want)), None)
             if src is None:
                 return _Reply(
-                    req.xfer, error=f"{addr:#x}+{length} is not registered", not_found=True
+                    req.xfer,
+                    error=f"{addr:#x}+{length} on device {device} is not registered",
+                    not_found=True,
                 )
             copies.append((src, addr, length, file, offset))
         for src, addr, length, file, offset in copies:
@@ -435,10 +443,39 @@ class SimTransport(Transport):
                 pos -= length
 
 
+TRANSPORTS = ("sim", "nixl")
+
+
+def make_transport(
+    kind: str,
+    name: str,
+    *,
+    faults: FaultPlan | None = None,
+    serves: bool = True,
+    device_id: int = 0,
+) -> Transport:
+    """The one transport factory of the simulator: a ``sim`` agent (optionally with a
+    ``FaultPlan`` and a stand-in device id) or a real ``nixl`` agent on CPU memory.
+
+    ``serves=False`` is a pull-only agent; for NIXL that drops the progress thread, which
+    would otherwise spin on a core the copies need (see ``NixlConfig``).
+    """
+    if kind == "sim":
+        return SimTransport(name, faults, device_id=device_id)
+    if kind != "nixl":
+        raise ValueError(f"transport {kind!r} not in {TRANSPORTS}")
+    if faults is not None or device_id:
+        raise ValueError("faults and device ids are simulated by the 'sim' transport only")
+    from mx_reference.transport.nixl import NixlConfig, NixlTransport
+    from mx_sim.cpu_mock import CpuMockBackend
+
+    return NixlTransport(name, CpuMockBackend(), NixlConfig(progress_thread=serves))
+
+
 def _inside(r: _Region, d: MemDesc) -> bool:
     return (
         r.device_id == d.device_id and r.addr <= d.addr and d.addr + d.length <= r.addr + r.length
     )
 
 
-__all__ = ["FaultPlan", "SimTransport", "TransportError"]
+__all__ = ["TRANSPORTS", "FaultPlan", "SimTransport", "TransportError", "make_transport"]

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from mx_sim.conformance.registry import FEATURES, Check, all_checks
+from mx_sim.conformance.catalog import FEATURES, Check, all_checks
 
 STATUSES = ("passed", "failed", "skipped", "xfailed", "xpassed")
 FAILING = ("failed", "xpassed")

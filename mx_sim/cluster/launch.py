@@ -34,7 +34,7 @@ PRELOAD = (
     "transformers.models.qwen2.modeling_qwen2",
     "transformers.models.mixtral.modeling_mixtral",
     "transformers.models.gpt2.modeling_gpt2",
-    "mx_sim.refit_sim",
+    "mx_sim.refit.multiprocess",
 )
 POLL_S = 0.02
 

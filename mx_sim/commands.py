@@ -1,0 +1,116 @@
+"""The ``mx-sim`` command handlers: ``run`` (the scenario matrix and its report), ``bench`` and
+``conformance``. :mod:`mx_sim.cli` parses the options and calls one of these."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from mx_sim.bench import BENCH_MODULES
+from mx_sim.report import (
+    BenchResult,
+    ScenarioResult,
+    bench_table,
+    scenario_table,
+    write_performance_page,
+    write_run_report,
+)
+
+SCENARIO_MODULES = ("discovery", "ipc", "refit", "graphs")
+
+
+def run_scenarios(
+    names: Sequence[str],
+    run_one: Callable[[str], list[ScenarioResult]],
+    log: Callable[[str], None] = print,
+) -> list[ScenarioResult]:
+    """Run each scenario module through ``run_one``; a module that raises becomes a failed row."""
+    results: list[ScenarioResult] = []
+    for name in names:
+        log(f"[mx-sim] {name} ...")
+        start = time.perf_counter()
+        try:
+            rows = run_one(name)
+        except Exception as exc:  # a crashing scenario is a failure to report, not a traceback
+            rows = [ScenarioResult(name=name, passed=False, detail=f"{type(exc).__name__}: {exc}")]
+        elapsed = time.perf_counter() - start
+        for row in rows:
+            row.seconds = row.seconds or elapsed / len(rows)
+            log(f"[mx-sim]   {'PASS' if row.passed else 'FAIL'} {row.name}  {row.detail}")
+        log(f"[mx-sim] {name} done in {elapsed:.1f} s")
+        results.extend(rows)
+    return results
+
+
+def refit_options(args: argparse.Namespace) -> dict:
+    """The refit knobs the user set; the refit scenario fills in its defaults for the rest."""
+    from mx_sim.scenarios.refit import OPTION_KEYS
+
+    return {k: getattr(args, k) for k in OPTION_KEYS if getattr(args, k, None) is not None}
+
+
+def run_main(args: argparse.Namespace) -> int:
+    """``mx-sim run``: every selected scenario, then report.json, report.md and plots."""
+    from mx_sim.scenarios import refit
+
+    options = refit_options(args)
+    if "refit" in args.scenarios:
+        refit.validate_options(options)
+
+    def run_one(name: str) -> list[ScenarioResult]:
+        if name == "refit":
+            return refit.run(args.out, args.quick, options=options)
+        return importlib.import_module(f"mx_sim.scenarios.{name}").run(args.out, args.quick)
+
+    print(f"[mx-sim] scenarios: {', '.join(args.scenarios)} -> {args.out}")
+    results = run_scenarios(args.scenarios, run_one)
+    write_run_report(results, args.out, {k: str(v) for k, v in vars(args).items()})
+    print()
+    print(scenario_table(results))
+    failed = [r.name for r in results if not r.passed]
+    print(
+        f"\n[mx-sim] {len(results) - len(failed)}/{len(results)} passed; report in {args.out}/report.md"
+    )
+    return 1 if failed else 0
+
+
+def run_benchmarks(
+    names: Sequence[str], out_dir: Path, quick: bool, log: Callable[[str], None] = print
+) -> list[BenchResult]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results: list[BenchResult] = []
+    for name in names:
+        if name not in BENCH_MODULES:
+            raise ValueError(f"unknown benchmark {name!r}; known: {', '.join(BENCH_MODULES)}")
+        log(f"[mx-sim bench] {name} ...")
+        rows = importlib.import_module(f"mx_sim.bench.{name}").run(out_dir, quick)
+        for row in rows:
+            metrics = ", ".join(f"{k}={v:.4g}" for k, v in row.metrics.items())
+            log(f"[mx-sim bench]   {'met ' if row.met else 'MISS'} {row.name}: {metrics}")
+        results.extend(rows)
+    (out_dir / "results.json").write_text(
+        json.dumps([r.to_json() for r in results], indent=2, default=str)
+    )
+    (out_dir / "results.md").write_text(bench_table(results))
+    return results
+
+
+def bench_main(args: argparse.Namespace) -> int:
+    """``mx-sim bench``: the benchmarks, their JSON and plots, and optionally the docs page."""
+    results = run_benchmarks(args.only, args.out, args.quick)
+    if args.page:
+        write_performance_page(results, args.out, args.page)
+    missed = [r.name for r in results if not r.met]
+    print(f"[mx-sim bench] {len(results) - len(missed)}/{len(results)} goals met")
+    return 0
+
+
+def conformance_main(args: argparse.Namespace) -> int:
+    """``mx-sim conformance``: the suite against ``--adapter``."""
+    from mx_sim.conformance.run_checks import run_conformance
+
+    return run_conformance(args.adapter, report=args.report, xfail=args.xfail, keyword=args.keyword)

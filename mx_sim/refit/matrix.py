@@ -1,0 +1,40 @@
+"""The CI refit matrix: the topologies ``mx-sim run`` and ``tests/refit`` both run, 3 cycles
+each, and the fault topology."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mx_sim.cluster.topology import TopologySpec
+from mx_sim.fixtures import TinyModelSpec
+
+
+@dataclass(frozen=True)
+class MatrixRow:
+    """One refit scenario: a topology, the tiny model it refits, and whether replica 0
+    republishes for the others (a fan-out tree)."""
+
+    spec: TopologySpec
+    kind: str = "llama"
+    model_spec: TinyModelSpec | None = None
+    fanout: bool = False
+
+
+MATRIX: dict[str, MatrixRow] = {
+    "refit TP1->TP1": MatrixRow(TopologySpec()),
+    "refit TP2->TP1": MatrixRow(TopologySpec(trainer_tp=2)),
+    "refit TP1->TP2": MatrixRow(TopologySpec(inference_tp=2), "qwen2"),
+    "refit TP2->TP4 GQA": MatrixRow(TopologySpec(trainer_tp=2, inference_tp=4)),
+    "refit PP2xTP2->TP4": MatrixRow(TopologySpec(trainer_tp=2, trainer_pp=2, inference_tp=4)),
+    "refit EP2->EP1 MoE": MatrixRow(TopologySpec(trainer_ep=2), "mixtral"),
+    # GPT-2 ties lm_head to wte; vocab 200 pads to 256 at TP2, so both trainer ranks hold real
+    # embedding rows and the receiver merges the tied tensor from two shards
+    "refit tied embeddings": MatrixRow(
+        TopologySpec(trainer_tp=2), "gpt2", TinyModelSpec(vocab_size=200)
+    ),
+    "refit fan-out 1->1->2": MatrixRow(TopologySpec(replicas=3), fanout=True),
+}
+QUICK = ("refit TP2->TP1", "refit TP2->TP4 GQA", "refit EP2->EP1 MoE")
+
+# Faults run on TP2->TP2: trainers are global ranks 0 and 1, receivers 2 and 3 (TP ranks 0, 1).
+FAULT_TOPOLOGY = TopologySpec(trainer_tp=2, inference_tp=2)

@@ -54,7 +54,7 @@ def mock_backend() -> CpuMockBackend:
     return CpuMockBackend()
 
 
-MUTANT_TEST = "test_conformance_mutants.py::test_mutant_is_caught["
+MUTANT_TEST = "sim/conformance/test_mutants.py::test_mutant_is_caught["
 
 
 def pytest_terminal_summary(terminalreporter):

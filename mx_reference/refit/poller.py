@@ -1,6 +1,6 @@
 """Background version polling that applies only while the engine is paused.
 
-The seed's poller thread called the weight update directly, so ``load_weights`` could run while
+Dynamo PR #10901's poller thread called the weight update directly, so ``load_weights`` could run while
 a forward pass was reading the same parameters. Here the expensive part of a cycle (discover,
 plan, pull, translate, verify: :meth:`stage`) overlaps inference, and only the in-place copy
 (:meth:`commit`) runs between the engine's ``pause`` and ``resume`` hooks.

@@ -1,8 +1,8 @@
 """Trainer side of refit: publish this rank's shards of each weight version.
 
 A publisher copies its shards into one flat *arena* per live version, registers each arena once
-with the transport (a registration is a kernel call: ``ibv_reg_mr`` cost ~150 ms per cycle in the
-seed before caching), and publishes a :class:`SourceManifest` per version. Arenas are reused
+with the transport (a registration is a kernel call: ``ibv_reg_mr`` cost ~150 ms per cycle in
+Dynamo PR #10901 before caching), and publishes a :class:`SourceManifest` per version. Arenas are reused
 across versions whose layout is unchanged, so steady-state publishing registers nothing. A
 version's arena stays untouched until that version is retired: receivers may still be reading it.
 

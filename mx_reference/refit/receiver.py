@@ -85,7 +85,7 @@ class StaleVersion(RefitError):
 
 @dataclass
 class CycleTiming:
-    """One cycle: seconds per phase plus what setup cost (the seed PR's per-phase table)."""
+    """One cycle: seconds per phase plus what setup cost (the per-phase table of Dynamo PR #10901)."""
 
     version: int = 0
     discover: float = 0.0

@@ -3,7 +3,7 @@
 Global ranks follow Megatron's order: TP fastest, then EP, then PP, for the trainers; the
 receivers come after every trainer, replica by replica, TP fastest, then PP. So a rank's TP rank
 differs from its global rank whenever PP or EP > 1, and always for receivers (using the global
-rank as the TP rank was a seed bug).
+rank as the TP rank was a bug in Dynamo PR #10901).
 
     trainer rank  = tp + TP * (ep + EP * pp)
     receiver rank = num_trainers + replica * (iTP * iPP) + itp + iTP * ipp

@@ -1,5 +1,5 @@
 """Discovery ignores the backend it is given and always uses the engine's own predicate, so a
-caller asking for CUDA tensors gets CPU tensors (seed 000, ModelExpress PR #454: discovery must
+caller asking for CUDA tensors gets CPU tensors (ModelExpress PR #454: discovery must
 route through ``AcceleratorBackend.is_accel_tensor``; PR #438 review found ``is_cuda`` used
 directly; modelexpress issue #439 "filter no-rdma tensor")."""
 

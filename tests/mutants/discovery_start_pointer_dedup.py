@@ -1,6 +1,6 @@
 """Discovery deduplicates by start pointer only: the first tensor seen at an address stands for
 every tensor there, so a smaller view seen before a larger tensor at the same address shadows it
-and the larger tensor's tail is never registered (seed 000, ModelExpress PR #454 review; the
+and the larger tensor's tail is never registered (ModelExpress PR #454 review; the
 reference keeps the tensor spanning each overlap cluster)."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The tied weight is sent twice: discovery publishes every name of a tied parameter as its own
 tensor (``named_parameters(remove_duplicate=False)``), so the embedding's bytes travel twice and
-a receiver cannot tell that ``lm_head`` must stay tied (seed 000, ModelExpress PR #454: ties
+a receiver cannot tell that ``lm_head`` must stay tied (ModelExpress PR #454: ties
 published once with aliases; shared/reference/discovery.md, tied weights)."""
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 pre-processing advances ``kv_lens`` and ``position_ids``), and with nothing undoing it after each
 warmup and the capture, the mutation lands ``warmup_steps + 1`` times, so the graph is captured
 against, and leaves behind, advanced attention metadata (TensorRT-LLM ``CUDAGraphRunner.capture``
-before it took ``postprocess_fn``; seed 004)."""
+before it took ``postprocess_fn``; TensorRT-LLM capture-postprocess PR)."""
 
 from __future__ import annotations
 

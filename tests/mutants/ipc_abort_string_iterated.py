@@ -1,7 +1,7 @@
 """Abort iterates its argument, so one request id given as a ``str`` is taken as a collection of
 one-character ids: ``abort("req-1")`` frees nothing of request "req-1" (its tensors leak until the
 TTL) and frees requests "r", "e", "q", "-" and "1" (vLLM PR #32104 review: the tensor IPC abort
-path iterated the characters of a lone request id; seed 002)."""
+path iterated the characters of a lone request id; vLLM PR #32104)."""
 
 from __future__ import annotations
 

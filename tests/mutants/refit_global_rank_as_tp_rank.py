@@ -1,7 +1,7 @@
 """The global rank stands in for the TP rank: ``tp_rank = global_rank % tp_size`` is right only
 when TP ranks are numbered fastest from global rank 0; under pipeline parallelism with another
 rank order or offset (a controller rank, PP-fastest numbering) each rank pulls another rank's
-slice (seed 001, Dynamo PR #10901 review: ``torch.distributed.get_rank()`` as ``tp_rank``;
+slice (Dynamo PR #10901 review: ``torch.distributed.get_rank()`` as ``tp_rank``;
 verl #7080 has the group-relative variant)."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The last TP rank's destination buffer is sized to the whole shard axis instead of its own
 remainder ``extent - per_rank * (tp - 1)``: the rank pulls its rows into the front of a buffer
-``tp`` times too large and the rest is read as data (seed 001, Dynamo PR #10901 review, bug 2)."""
+``tp`` times too large and the rest is read as data (Dynamo PR #10901 review, bug 2)."""
 
 from __future__ import annotations
 

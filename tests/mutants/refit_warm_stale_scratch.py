@@ -1,7 +1,7 @@
 """Warm-cycle stale buffer: destination tensors filled through scratch (strided row-parallel
 slices) are cached after the cycle that allocated them and consumed as-is on the next cycle,
 without copying the new bytes out of scratch, so warm cycles apply the previous version's
-rows (seed 001, Dynamo PR #10901 review, bug 1: a buffer allocated this cycle but routed to
+rows (Dynamo PR #10901 review, bug 1: a buffer allocated this cycle but routed to
 the scratch path stayed in the cached ``plan_dests``)."""
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ import pytest
 from mx_reference import adapter as caps
 from mx_sim.conformance.run_checks import run_checks
 
-EXAMPLE = pathlib.Path(__file__).parents[1] / "docs" / "examples" / "toy_engine_adapter.py"
+EXAMPLE = pathlib.Path(__file__).parents[3] / "docs" / "examples" / "toy_engine_adapter.py"
 
 
 @pytest.fixture(scope="module")

@@ -55,7 +55,7 @@ def test_undeclared_capabilities_skip_with_their_reason():
 
 
 def test_every_refit_mutant_module_is_listed():
-    on_disk = {p.stem for p in (Path(__file__).parent / "mutants").glob("refit_*.py")}
+    on_disk = {p.stem for p in (Path(__file__).parents[2] / "mutants").glob("refit_*.py")}
     assert on_disk == set(MUTANTS)
 
 

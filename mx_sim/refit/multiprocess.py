@@ -75,7 +75,7 @@ class RefitRunResult:
 
     def receiver_cycles(self) -> list[list[dict[str, Any]]]:
         """Timing records per receiver rank, cycle by cycle."""
-        return [r["cycles"] for r in self.ranks if r.get("role") == "receiver"]
+        return [r.get("cycles", []) for r in self.ranks if r["role"] == "receiver"]
 
     def rank_lines(self) -> list[str]:
         """One line per rank: how it ended."""

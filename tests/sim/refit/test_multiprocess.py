@@ -72,16 +72,19 @@ def test_faults_end_with_clear_errors_and_untouched_models(kind):
 
 
 @pytest.mark.timeout(90)
-def test_cli_runs_a_fault_and_prints_one_line_per_rank(tmp_path, capsys):
+@pytest.mark.parametrize(
+    ("kind", "says"), [("corrupt_shard", "digest mismatch"), ("receiver_killed", "died")]
+)
+def test_cli_runs_a_fault_and_reports_one_line_per_rank(kind, says, tmp_path):
     out = tmp_path / "out"
-    argv = ["run", "--scenarios", "refit", "--fault", "corrupt_shard", "--out", str(out)]
+    argv = ["run", "--scenarios", "refit", "--fault", kind, "--out", str(out)]
     assert cli.main(argv) == 0
     (row,) = json.loads((out / "report.json").read_text())["scenarios"]
-    assert row["name"] == "refit TP2->TP2 fault corrupt_shard" and row["passed"], row
-    assert row["detail"].startswith("contained: ") and "digest mismatch" in row["detail"]
+    assert row["name"] == f"refit TP2->TP2 fault {kind}" and row["passed"], row
+    assert row["detail"].startswith("contained: ")
     lines = row["details"]["ranks"]
     assert [line.split(" (")[0] for line in lines] == [f"rank {r}" for r in range(4)]
-    assert all("\n" not in line for line in lines)
+    assert all("\n" not in line for line in lines) and any(says in line for line in lines)
 
 
 @pytest.mark.parametrize(

@@ -16,6 +16,7 @@ from pathlib import Path
 from mx_sim.bench import BENCH_MODULES
 from mx_sim.commands import SCENARIO_MODULES
 from mx_sim.refit.faults import FAULTS
+from mx_sim.refit.multiprocess import TRAINERS
 from mx_sim.sim_transport import TRANSPORTS
 
 
@@ -88,6 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
             )
     run.add_argument("--replicas", type=_positive, default=None, help="receiver replicas")
     run.add_argument("--cycles", type=_positive, default=3, help="refit cycles per scenario")
+    run.add_argument(
+        "--trainer",
+        choices=TRAINERS,
+        default=None,
+        help="who publishes refit versions: real Megatron-Core ranks, or HF weights cut into "
+        "Megatron layout (default: megatron where it runs the row, else hf-split; hf-split for "
+        "--fault)",
+    )
     run.add_argument(
         "--fault",
         type=_fault,

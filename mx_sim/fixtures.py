@@ -106,11 +106,12 @@ def fixed_prompt(vocab_size: int, length: int = 8) -> torch.Tensor:
 
 def version_model(kind: str, spec: TinyModelSpec | None, version: int) -> torch.nn.Module:
     """A fresh model holding the trainer's weights at ``version``: its own seed, shifted so that
-    no tensor (layer norms included) equals its value at any other version."""
+    no tensor (layer norms included) equals its value at any other version, nor at a fresh
+    init (norms of ones, zero biases), which is version 1 of a Megatron trainer."""
     model = build_tiny_model(kind, spec, seed=version)
     with torch.no_grad():
         for p in model.parameters():
-            p.add_(version / 128)
+            p.add_((version + 1) / 128)
     return model
 
 
@@ -135,6 +136,14 @@ class VersionWeights:
 
     def state(self, version: int) -> dict[str, torch.Tensor]:
         return self.model(version).state_dict()
+
+    atol = 0.0  # receivers of these weights must match them bit for bit
+
+    def logits(self, version: int) -> torch.Tensor:
+        """The trainer model's logits on the fixed prompt, (1, S, V)."""
+        model = self.model(version)
+        with torch.no_grad():
+            return model(fixed_prompt(model.config.vocab_size)).logits
 
     @functools.cached_property
     def model_config(self) -> RefitModelConfig:

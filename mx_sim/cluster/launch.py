@@ -29,6 +29,7 @@ from torch._C._distributed_c10d import ProcessGroupGloo
 # and cost seconds on first use).
 PRELOAD = (
     "torch",
+    "megatron.core.models.gpt",  # where installed: the Megatron trainer ranks
     "transformers",
     "transformers.models.llama.modeling_llama",
     "transformers.models.qwen2.modeling_qwen2",

@@ -35,7 +35,15 @@ from mx_sim.cluster.topology import RankInfo, TopologySpec
 from mx_sim.cpu_mock import CpuMockBackend
 from mx_sim.fixtures import TinyModelSpec, VersionWeights, pp_stage, version_model
 from mx_sim.refit.faults import STORE_GONE_KEY, Fault, FaultContext
-from mx_sim.refit.ranks import MODEL_ID, ReceiverRank, TrainerRank, receiver_for
+from mx_sim.refit.megatron_trainer import FAMILIES as MEGATRON_FAMILIES
+from mx_sim.refit.megatron_trainer import (
+    MegatronLogits,
+    MegatronModelSpec,
+    MegatronTrainer,
+    megatron_available,
+    post_logits,
+)
+from mx_sim.refit.ranks import MODEL_ID, HfSplitShards, ReceiverRank, TrainerRank, receiver_for
 from mx_sim.sim_transport import TRANSPORTS, make_transport
 
 
@@ -51,6 +59,7 @@ class RunConfig:
     fault: Fault | None = None
     timeout_s: float = 20.0
     fanout: bool = False  # replica 0 republishes; the other replicas pull from it
+    trainer: str = "hf-split"  # or "megatron": real Megatron-Core ranks (TRAINERS)
 
     @property
     def weights(self) -> VersionWeights:
@@ -67,6 +76,7 @@ class RefitRunResult:
     label: str
     model_kind: str
     transport: str
+    trainer: str
     passed: bool
     seconds: float
     bytes_moved: int
@@ -76,6 +86,10 @@ class RefitRunResult:
     def receiver_cycles(self) -> list[list[dict[str, Any]]]:
         """Timing records per receiver rank, cycle by cycle."""
         return [r.get("cycles", []) for r in self.ranks if r["role"] == "receiver"]
+
+    def logits_max_abs(self) -> float:
+        """The largest logits difference any receiver saw against the trainer's."""
+        return max((r.get("logits_max_abs", 0.0) for r in self.ranks), default=0.0)
 
     def rank_lines(self) -> list[str]:
         """One line per rank: how it ended."""
@@ -94,6 +108,31 @@ class RefitRunResult:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+
+TRAINERS = ("megatron", "hf-split")
+
+
+def default_trainer(spec: TopologySpec, kind: str) -> str:
+    """Megatron-Core wherever it runs the row here (installed, a family it runs, no EP), else
+    the HF-split trainer."""
+    runs = megatron_available() and kind in MEGATRON_FAMILIES and spec.trainer_ep == 1
+    return "megatron" if runs else "hf-split"
+
+
+def check_trainer(trainer: str, spec: TopologySpec, kind: str, model_spec: TinyModelSpec) -> None:
+    """``ValueError`` (one line) for a trainer that cannot run this topology, before any rank
+    starts: unknown, Megatron-Core not installed, a family or mode it does not run here, or a
+    layout Megatron itself refuses."""
+    if trainer not in TRAINERS:
+        raise ValueError(f"trainer {trainer!r} not in {TRAINERS}")
+    if trainer == "hf-split":
+        return
+    if not megatron_available():
+        raise ValueError("trainer 'megatron' needs megatron-core (pip install megatron-core)")
+    if spec.trainer_ep > 1:
+        raise ValueError("trainer 'megatron': expert parallelism is not run through Megatron here")
+    MegatronModelSpec(kind, model_spec).check(spec.trainer_tp, spec.trainer_pp)
 
 
 # ---- rank bodies ---------------------------------------------------------------------------
@@ -121,9 +160,18 @@ def _trainer(cfg: RunConfig, info: RankInfo, store: dist.Store, groups: dict) ->
     registry = VersionRegistry(store, timeout=cfg.timeout_s)
     plan = cfg.fault.transport_plan(info.global_rank) if cfg.fault is not None else None
     agent = make_transport(cfg.transport, _name(info), faults=plan)
-    rank = TrainerRank(info, registry, agent, cfg.weights)
+    megatron = None
+    if cfg.trainer == "megatron":
+        megatron = MegatronTrainer(info, cfg.model_kind, cfg.model_spec, store, cfg.timeout_s)
+    source = megatron or HfSplitShards(cfg.weights, info)
+    rank = TrainerRank(info, registry, agent, source)
     try:
         for cycle in range(1, cfg.cycles + 1):
+            if megatron is not None:  # every trainer rank steps and runs the oracle forward
+                megatron.advance_to(cycle)
+                logits = megatron.logits()
+                if logits is not None and info.tp_rank == 0:
+                    post_logits(store, cycle, logits)
             if not _act(cfg, info, store, cycle):
                 rank.publish(cycle)
             # the whole TP group learns whether every member published
@@ -158,7 +206,10 @@ def _receiver(cfg: RunConfig, info: RankInfo, store: dist.Store, groups: dict) -
         directory=directory,
         owns=lambda name: pp_stage(name, num_layers, info.pp_size) == info.pp_rank,
     )
-    rank = ReceiverRank(receiver, model, cfg.weights)
+    oracle: Any = cfg.weights
+    if cfg.trainer == "megatron":
+        oracle = MegatronLogits(store)
+    rank = ReceiverRank(receiver, model, oracle)
     source = ReplicaSource(receiver, directory, agent, backend=CpuMockBackend()) if serves else None
     cycles, failures = [], []
     try:
@@ -186,7 +237,7 @@ def _receiver(cfg: RunConfig, info: RankInfo, store: dist.Store, groups: dict) -
         if source is not None:  # followers may still be reading the last version served
             last = f"done/v{cfg.cycles}"
             _wait_count(store, last, cfg.spec.num_receivers, f"abort/v{cfg.cycles}", cfg.timeout_s)
-        return {"cycles": cycles, "failures": failures}
+        return {"cycles": cycles, "failures": failures, "logits_max_abs": rank.logits_error}
     finally:
         if source is not None:
             source.close()
@@ -236,6 +287,7 @@ def run_topology(
     *,
     model_spec: TinyModelSpec | None = None,
     fanout: bool = False,
+    trainer: str = "hf-split",
     timeout_s: float = 20.0,
     deadline_s: float = 120.0,
 ) -> RefitRunResult:
@@ -245,8 +297,10 @@ def run_topology(
         raise ValueError(f"transport {transport!r} not in {TRANSPORTS}")
     if fault is not None:
         fault.check_rank(spec)
+    model_spec = model_spec or TinyModelSpec()
+    check_trainer(trainer, spec, model_kind, model_spec)
     cfg = RunConfig(
-        spec, model_kind, model_spec or TinyModelSpec(), cycles, transport, fault, timeout_s, fanout
+        spec, model_kind, model_spec, cycles, transport, fault, timeout_s, fanout, trainer
     )
     master, addr = host_store(f"run-{uuid.uuid4().hex[:8]}", timeout_s)
     holder: dict[str, Any] = {"store": dist.PrefixStore(addr.prefix, master)}
@@ -287,7 +341,7 @@ def summarize(cfg: RunConfig, outcomes: list[RankOutcome], seconds: float) -> Re
     passed = contained(cfg.fault, ranks) if cfg.fault else not errors
     label = cfg.spec.label() + (f" [{cfg.fault.kind}]" if cfg.fault else "")
     return RefitRunResult(
-        label, cfg.model_kind, cfg.transport, passed, seconds, moved, ranks, errors
+        label, cfg.model_kind, cfg.transport, cfg.trainer, passed, seconds, moved, ranks, errors
     )
 
 

@@ -17,7 +17,7 @@ from mx_reference.refit.planner import TargetLayout, plan_refit
 from mx_reference.refit.registry import VersionRegistry
 from mx_sim.cluster.topology import TopologySpec
 from mx_sim.fixtures import TinyModelSpec, VersionWeights
-from mx_sim.refit.ranks import MODEL_ID, TrainerRank
+from mx_sim.refit.ranks import MODEL_ID, HfSplitShards, TrainerRank
 
 
 def plan_topology(
@@ -37,7 +37,8 @@ def plan_topology(
     registry = VersionRegistry(dist.HashStore(), timeout=30.0)
 
     def trainer(rank: int) -> None:
-        TrainerRank(spec.rank_info(rank), registry, None, weights).publish(1)
+        info = spec.rank_info(rank)
+        TrainerRank(info, registry, None, HfSplitShards(weights, info)).publish(1)
 
     def receiver(rank: int) -> int:
         info = spec.rank_info(rank)

@@ -31,8 +31,30 @@ from mx_sim.fixtures import VersionWeights, fixed_prompt, rank_shards
 MODEL_ID = "tiny"
 
 
+class HfSplitShards:
+    """The HF-split trainer: a rank's shards of version v are the reference
+    ``megatron_shards_from_hf`` of the version's HF weights (for families or modes Megatron-Core
+    does not run here, and for planning)."""
+
+    def __init__(self, weights: VersionWeights, info: RankInfo):
+        self.weights, self.info = weights, info
+
+    def shards(self, version: int) -> list:
+        """This rank's ``(descriptor, shard)`` pairs of ``version``."""
+        i = self.info
+        return rank_shards(
+            self.weights.state(version),
+            self.weights.model_config,
+            tp=(i.tp_rank, i.tp_size),
+            pp=(i.pp_rank, i.pp_size),
+            ep=(i.ep_rank, i.ep_size),
+        )
+
+
 class TrainerRank:
-    """One trainer rank: at each version it publishes its TP/PP/EP shards of the weights.
+    """One trainer rank: at each version it publishes the shards its ``source`` holds
+    (:class:`HfSplitShards`, or a real Megatron-Core rank,
+    :class:`~mx_sim.refit.megatron_trainer.MegatronTrainer`).
 
     Without a transport it is a planning-only rank: it publishes real manifests (descriptors at
     their arena offsets) and moves no byte.
@@ -43,12 +65,12 @@ class TrainerRank:
         info: RankInfo,
         registry: VersionRegistry,
         transport: Transport | None,
-        weights: VersionWeights,
+        source: Any,
         *,
         model_id: str = MODEL_ID,
     ):
         assert info.role == "trainer", info
-        self.info, self.registry, self.weights, self.model_id = info, registry, weights, model_id
+        self.info, self.registry, self.source, self.model_id = info, registry, source, model_id
         self.transport = transport
         self.publisher = (
             RefitPublisher(
@@ -68,21 +90,11 @@ class TrainerRank:
     def tp(self) -> tuple[int, int]:
         return (self.info.tp_rank, self.info.tp_size)
 
-    def shards(self, version: int) -> list:
-        """This rank's ``(descriptor, shard)`` pairs of ``version``."""
-        i = self.info
-        return rank_shards(
-            self.weights.state(version),
-            self.weights.model_config,
-            tp=self.tp,
-            pp=(i.pp_rank, i.pp_size),
-            ep=(i.ep_rank, i.ep_size),
-        )
-
     def publish(self, version: int) -> SourceManifest:
+        shards = self.source.shards(version)
         if self.publisher is not None:
-            return self.publisher.publish(version, self.shards(version))
-        descs = [d for d, _ in self.shards(version)]
+            return self.publisher.publish(version, shards)
+        descs = [d for d, _ in shards]
         offsets, _ = arena_offsets(descs)
         i = self.info
         manifest = make_manifest(
@@ -148,22 +160,22 @@ def check_cycle(
     previous: Mapping[str, torch.Tensor],
     before: Mapping[str, torch.Tensor],
     model: torch.nn.Module,
-    want: Mapping[str, torch.Tensor],
+    want: Mapping[str, torch.Tensor] | None,
 ) -> list[str]:
     """For every parameter: before == A (``previous``), after == B (``want``), and A != B.
-    Returns the problems found, one line each."""
-    after = model_parameters(model)
+    Without ``want`` (the trainer's values are not known here, only its logits) B is what the
+    cycle left, and must still differ from A. Returns the problems found, one line each."""
+    after = {n: p.detach().cpu() for n, p in model_parameters(model).items()}
+    want = after if want is None else want
     if set(after) != set(want):
-        return [
-            f"v{version}: parameter names differ from the trainer's: {sorted(set(after) ^ set(want))}"
-        ]
+        diff = sorted(set(after) ^ set(want))
+        return [f"v{version}: parameter names differ from the trainer's: {diff}"]
     out = []
     for name, now in after.items():
         if torch.equal(previous[name], want[name]):
             out.append(f"v{version}: {name}: versions A and B are equal (vacuous check)")
         if not torch.equal(before[name], previous[name]):
             out.append(f"v{version}: {name}: value before the cycle is not the previous version")
-        now = now.detach().cpu()
         if not torch.equal(now, want[name]):
             err = (now.float() - want[name].float()).abs().max().item()
             out.append(
@@ -173,35 +185,50 @@ def check_cycle(
     return out
 
 
-def check_logits(version: int, model: torch.nn.Module, trainer: torch.nn.Module) -> list[str]:
-    """Logits on the fixed prompt equal the trainer model's, bit for bit."""
-    prompt = fixed_prompt(trainer.config.vocab_size)
+def check_logits(
+    version: int, model: torch.nn.Module, want: torch.Tensor, atol: float = 0.0
+) -> tuple[float, list[str]]:
+    """Logits on the fixed prompt equal ``want`` (the trainer's), within ``atol`` (0: bit for
+    bit). Returns the largest absolute difference and the problems found."""
+    prompt = fixed_prompt(model.config.vocab_size)
     device = next(model.parameters()).device
     with torch.no_grad():
         got = model(prompt.to(device)).logits.cpu()
-        want = trainer(prompt).logits
-    if torch.equal(got, want):
-        return []
+    if got.shape != want.shape:
+        shapes = f"{tuple(got.shape)} != the trainer's {tuple(want.shape)}"
+        return float("inf"), [f"v{version}: logits shape {shapes}"]
     err = (got - want).abs().max().item()
-    return [f"v{version}: logits differ from the trainer's (max abs {err:.3g})"]
+    if (err <= atol) if atol else torch.equal(got, want):
+        return err, []
+    return err, [
+        f"v{version}: logits differ from the trainer's (max abs {err:.3g}, allowed {atol:g})"
+    ]
 
 
 class ReceiverRank:
-    """One inference rank: refits each version through ``receiver`` and checks every tensor
-    (A -> B, A != B) and, when ``logits`` is set, the logits against ``weights``."""
+    """One inference rank: refits each version through ``receiver`` and checks it against
+    ``oracle``: every tensor A -> B with A != B (B = ``oracle.params(v)`` where the oracle knows
+    the values) and, when ``logits`` is set, the logits against ``oracle.logits(v)`` within
+    ``oracle.atol``. The oracle is :class:`~mx_sim.fixtures.VersionWeights` (bit-exact) or a
+    Megatron trainer's own logits (:class:`~mx_sim.refit.megatron_trainer.MegatronLogits`)."""
 
-    def __init__(self, receiver: Any, model: torch.nn.Module, weights: VersionWeights):
-        self.receiver, self.model, self.weights = receiver, model, weights
+    def __init__(self, receiver: Any, model: torch.nn.Module, oracle: Any):
+        self.receiver, self.model, self.oracle = receiver, model, oracle
         self.previous = snapshot(model)
+        self.logits_error = 0.0  # the largest logits difference seen
 
     def cycle(self, version: int, *, logits: bool = True) -> tuple[CycleTiming, list[str]]:
         """Refit ``version``; returns its timing and the problems the checks found."""
         before = snapshot(self.model)
         timing = self.receiver.refit(version)
         problems = check_cycle(
-            version, self.previous, before, self.model, self.weights.params(version)
+            version, self.previous, before, self.model, self.oracle.params(version)
         )
         if logits:
-            problems += check_logits(version, self.model, self.weights.model(version))
+            err, wrong = check_logits(
+                version, self.model, self.oracle.logits(version), self.oracle.atol
+            )
+            self.logits_error = max(self.logits_error, err)
+            problems += wrong
         self.previous = snapshot(self.model)
         return timing, problems

@@ -35,7 +35,7 @@ from mx_sim.cluster.topology import TopologySpec
 from mx_sim.cpu_mock import CpuMockBackend
 from mx_sim.fixtures import TinyModelSpec, VersionWeights, version_model
 from mx_sim.refit.faults import Fault
-from mx_sim.refit.ranks import MODEL_ID, TrainerRank, receiver_for
+from mx_sim.refit.ranks import MODEL_ID, HfSplitShards, TrainerRank, receiver_for
 from mx_sim.sim_transport import make_transport
 
 T = TypeVar("T")
@@ -82,7 +82,8 @@ class RefitRig:
             plan = cfg.fault.transport_plan(rank) if cfg.fault is not None else None
             agent = make_transport(cfg.transport, _name("trainer"), faults=plan)
             info = self.spec.rank_info(rank)
-            self.trainers.append(TrainerRank(info, self.registry, agent, self.weights))
+            source = HfSplitShards(self.weights, info)
+            self.trainers.append(TrainerRank(info, self.registry, agent, source))
 
     @property
     def publishers(self) -> list:

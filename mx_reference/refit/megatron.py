@@ -1,0 +1,142 @@
+"""A Megatron-Core trainer rank's own parameters -> the shards it publishes.
+
+A Megatron rank holds its tensor-parallel shard of every weight as a parameter of its
+``GPTModel`` (one pipeline stage of it). :func:`shards_from_megatron` maps that rank's
+``named_parameters()`` onto :class:`~mx_reference.refit.wire.ShardDescriptor` s, reading each
+shard's range off the rank's TP position, so the bytes published are Megatron's own (no HF
+state dict is cut). Needs nothing from Megatron itself: the mapping is names and shapes.
+
+* **Names.** Both fused-norm schemes are accepted: the local layer spec's
+  ``input_layernorm`` / ``pre_mlp_layernorm`` and Transformer Engine's
+  ``linear_qkv.layer_norm_weight`` / ``linear_fc1.layer_norm_weight`` (the canonical names of
+  :mod:`~mx_reference.refit.name_maps`; a MoE layer's ``pre_mlp_layernorm`` keeps its name).
+  Layer numbers are local to a pipeline stage; ``layer_offset`` makes them global.
+* **Vocab.** Megatron's embedding and output layer hold padded vocab rows (rank r of T holds
+  rows ``[r, r + 1) * padded / T``, padding included); only the real rows are published.
+* **Ties.** With tied embeddings the last stage's ``output_layer.weight`` is a copy of the
+  embedding, not a weight of its own: it is not published.
+
+A parameter the family's name map does not know, or whose local shape is not the shard its
+rank must hold, is a ``ValueError`` naming it, raised before anything is published.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+import msgspec
+import torch
+
+from mx_reference.refit.layouts import padded_vocab_size, rank_segments, vocab_range
+from mx_reference.refit.name_maps import RefitModelConfig, TensorRule, tensor_rules
+from mx_reference.refit.wire import ShardDescriptor, dtype_name
+
+# local layer spec suffix -> the Transformer Engine (canonical) suffix, in dense layers
+LOCAL_SPEC_NORMS = {
+    "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
+    "input_layernorm.bias": "self_attention.linear_qkv.layer_norm_bias",
+    "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight",
+    "pre_mlp_layernorm.bias": "mlp.linear_fc1.layer_norm_bias",
+}
+_LAYER = re.compile(r"decoder\.layers\.(\d+)\.(.+)")
+
+
+def canonical_name(name: str, cfg: RefitModelConfig, layer_offset: int = 0) -> str:
+    """The name-map name of Megatron parameter ``name`` of a stage starting at layer
+    ``layer_offset``."""
+    m = _LAYER.fullmatch(name)
+    if m is None:
+        return name
+    rest = m[2]
+    if rest in LOCAL_SPEC_NORMS and not (cfg.num_experts and rest.startswith("pre_mlp")):
+        rest = LOCAL_SPEC_NORMS[rest]
+    return f"decoder.layers.{int(m[1]) + layer_offset}.{rest}"
+
+
+def shards_from_megatron(
+    named_parameters: Iterable[tuple[str, torch.Tensor]],
+    cfg: RefitModelConfig,
+    *,
+    tp: tuple[int, int],
+    layer_offset: int = 0,
+) -> list[tuple[ShardDescriptor, torch.Tensor]]:
+    """``(descriptor, shard)`` of every parameter of a Megatron rank at ``tp`` ``(rank, size)``;
+    the shards are views of the parameters (detached). Dense models only: MoE experts are
+    named per EP rank by Megatron and are not mapped here yet."""
+    if cfg.num_experts:
+        raise ValueError("shards_from_megatron: MoE expert parameters are not mapped yet")
+    rules = {r.megatron: r for r in tensor_rules(cfg)}
+    out = []
+    for name, param in named_parameters:
+        canon = canonical_name(name, cfg, layer_offset)
+        if cfg.tie_word_embeddings and canon == "output_layer.weight":
+            continue  # the last stage's copy of the tied embedding
+        rule = rules.get(canon)
+        if rule is None:
+            raise ValueError(
+                f"Megatron parameter {name!r} (as {canon!r}): no descriptor mapping in the "
+                f"{cfg.family!r} name map"
+            )
+        shard = _describe(name, rule, param.detach(), cfg, tp)
+        if shard is not None:
+            out.append(shard)
+    return out
+
+
+def _describe(
+    name: str, rule: TensorRule, local: torch.Tensor, cfg: RefitModelConfig, tp: tuple[int, int]
+) -> tuple[ShardDescriptor, torch.Tensor] | None:
+    rank, size = tp
+    shape = list(local.shape)
+    if rule.style == "vocab_parallel":
+        padded = padded_vocab_size(cfg.vocab_size, size, cfg.vocab_divisible_by)
+        if shape[0] * size != padded:
+            raise ValueError(
+                f"Megatron parameter {name!r}: {shape[0]} vocab rows per rank, but vocab "
+                f"{cfg.vocab_size} pads to {padded} at TP {size} (divisible by "
+                f"{cfg.vocab_divisible_by})"
+            )
+        lo, hi = vocab_range(cfg.vocab_size, size, rank, cfg.vocab_divisible_by)
+        if hi == lo:
+            return None  # this rank holds padding only
+        local, shape[0] = local[: hi - lo], cfg.vocab_size
+    elif rule.style != "replicated":
+        shape[rule.axis] *= size
+    qkv = rule.style == "qkv_column"
+    # the fused tensors' global extents follow from the config: where layout bugs live
+    fused = {
+        "qkv_column": (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim,
+        "gated_mlp_column": 2 * cfg.intermediate_size,
+    }
+    if rule.style in fused and shape[rule.axis] != fused[rule.style]:
+        raise ValueError(
+            f"Megatron parameter {name!r}: local shape {tuple(local.shape)} makes "
+            f"{shape[rule.axis]} global rows at TP {size}, the config needs {fused[rule.style]}"
+        )
+    whole = ShardDescriptor(
+        name=rule.megatron,
+        global_shape=tuple(shape),
+        dtype=dtype_name(local.dtype),
+        style=rule.style,
+        shard_axis=rule.axis,
+        num_heads=cfg.num_heads if qkv else 0,
+        num_kv_heads=cfg.num_kv_heads if qkv else 0,
+        nbytes=local.element_size() * torch.Size(shape).numel(),
+    )
+    if rule.style == "replicated":
+        desc = msgspec.structs.replace(whole, nbytes=local.numel() * local.element_size())
+    else:
+        segments = rank_segments(whole, size, rank, vocab_divisible_by=cfg.vocab_divisible_by)
+        desc = msgspec.structs.replace(
+            whole,
+            placement="shard",
+            shard_range=segments[0],  # a gated [gate; up] range is along each half
+            nbytes=local.numel() * local.element_size(),
+        )
+    if desc.local_shape != tuple(local.shape):
+        raise ValueError(
+            f"Megatron parameter {name!r}: local shape {tuple(local.shape)} is not the shard "
+            f"{desc.local_shape} that TP rank {rank} of {size} holds"
+        )
+    return desc, local

@@ -1,0 +1,333 @@
+"""A real Megatron-Core trainer rank on CPU: its own init, its own optimizer steps, its own
+forward as the oracle.
+
+Each trainer process builds one stage of a Megatron ``GPTModel`` (the local layer spec) for a
+tiny model family, under Megatron's own ``parallel_state`` for TP x PP over gloo. Version 1 is
+Megatron's seeded init; each later version is one SGD step of a real forward and backward on a
+fixed batch, so consecutive versions differ in every tensor the way real refits do. What a rank
+publishes is its own parameters (:func:`mx_reference.refit.megatron.shards_from_megatron`), and
+what receivers are checked against is Megatron's own logits on the fixed prompt, all-gathered
+over TP (``parallel_output=False``).
+
+What running on CPU takes (``shared/reference/engines.md`` has the measurements):
+
+* one process-wide patch, ``torch.cuda.current_device = lambda: cpu``, set only in simulator
+  trainer processes (Megatron's rotary embedding and attention buffers ask for a CUDA device);
+* ``initialize_rng_tracker(inference_rng_tracker=True)`` instead of the CUDA seeding, hence
+  dropout 0; fusions off; ``use_cpu_initialization``; an explicit causal mask;
+* the pipeline schedule by hand: Megatron's schedules allocate on ``cuda`` unconditionally
+  (``pipeline_parallel/schedules.py``), so one micro-batch goes forward stage by stage through
+  ``GPTModel.set_input_tensor`` and back, over gloo ``send``/``recv``.
+
+Families: ``llama`` (RMSNorm, SwiGLU, RoPE, GQA; tied or not), ``qwen2`` (q/k/v biases) and
+``gpt2`` (LayerNorm, tanh-GELU, learned positions, biases, tied). MoE is not run through
+Megatron here (see docs/simulator.md).
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib.util
+from dataclasses import dataclass
+
+import msgspec
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from mx_reference.refit.layouts import padded_vocab_size
+from mx_reference.refit.megatron import shards_from_megatron
+from mx_reference.refit.name_maps import RefitModelConfig
+from mx_sim.cluster.topology import RankInfo
+from mx_sim.fixtures import TinyModelSpec, build_tiny_model, fixed_prompt
+
+FAMILIES = ("llama", "qwen2", "gpt2")
+LEARNING_RATE = 0.05
+GPT2_POSITIONS = 64  # mx_sim.fixtures builds GPT-2 with n_positions=64
+
+
+def megatron_available() -> bool:
+    return importlib.util.find_spec("megatron.core") is not None
+
+
+@dataclass(frozen=True)
+class MegatronModelSpec:
+    """The Megatron side of a tiny HF family: what ``TransformerConfig`` and ``GPTModel`` take."""
+
+    kind: str
+    spec: TinyModelSpec
+
+    def __post_init__(self) -> None:
+        if self.kind not in FAMILIES:
+            raise ValueError(
+                f"model {self.kind!r} does not run through Megatron-Core here; "
+                f"Megatron trainers take {', '.join(FAMILIES)} (use --trainer hf-split)"
+            )
+
+    @property
+    def gpt2(self) -> bool:
+        return self.kind == "gpt2"
+
+    @property
+    def tied(self) -> bool:
+        return self.gpt2 or self.spec.tie_word_embeddings
+
+    def refit_config(self) -> RefitModelConfig:
+        """The receivers' view: read off the HF model the receivers hold."""
+        return RefitModelConfig.from_hf(build_tiny_model(self.kind, self.spec).config)
+
+    def check(self, tp: int, pp: int) -> None:
+        """Refuse, before any rank starts, what Megatron-Core refuses: first its own config
+        validation (its message), then what it would only fail on while building the model
+        (query groups per TP rank, layers per stage)."""
+        try:
+            self.transformer_config(tp, pp)
+        except ValueError as exc:
+            raise ValueError(f"Megatron-Core refuses TP{tp} x PP{pp}: {exc}") from None
+        s = self.spec
+        groups = s.num_heads if self.gpt2 else s.num_kv_heads
+        for what, value, by, mode in (
+            ("num_query_groups", groups, tp, "tensor_model_parallel_size"),
+            ("num_layers", s.num_layers, pp, "pipeline_model_parallel_size"),
+        ):
+            if value % by:
+                raise ValueError(
+                    f"Megatron-Core refuses TP{tp} x PP{pp}: {what} ({value}) must be a "
+                    f"multiple of {mode} ({by})"
+                )
+
+    def transformer_config(self, tp: int, pp: int):
+        from megatron.core.transformer import TransformerConfig
+
+        s, gpt2 = self.spec, self.gpt2
+        return TransformerConfig(
+            num_layers=s.num_layers,
+            hidden_size=s.hidden_size,
+            num_attention_heads=s.num_heads,
+            num_query_groups=s.num_heads if gpt2 else s.num_kv_heads,
+            ffn_hidden_size=4 * s.hidden_size if gpt2 else s.intermediate_size,
+            kv_channels=s.hidden_size // s.num_heads,
+            normalization="LayerNorm" if gpt2 else "RMSNorm",
+            layernorm_epsilon=1e-5 if gpt2 else 1e-6,  # the HF configs' defaults
+            gated_linear_unit=not gpt2,
+            activation_func=(lambda x: F.gelu(x, approximate="tanh")) if gpt2 else F.silu,
+            add_bias_linear=gpt2,
+            add_qkv_bias=gpt2 or self.kind == "qwen2",
+            tensor_model_parallel_size=tp,
+            pipeline_model_parallel_size=pp,
+            params_dtype=torch.float32,
+            pipeline_dtype=torch.float32,
+            use_cpu_initialization=True,
+            masked_softmax_fusion=False,
+            bias_activation_fusion=False,
+            bias_dropout_fusion=False,
+            apply_rope_fusion=False,
+            gradient_accumulation_fusion=False,
+            persist_layer_norm=False,
+            attention_dropout=0.0,
+            hidden_dropout=0.0,
+        )
+
+
+class MegatronTrainer:
+    """One Megatron-Core trainer rank (one TP shard of one PP stage) in this process.
+
+    Builds the default process group over the trainer ranks only (``store`` is the run's,
+    ``world_size`` the trainer count), checks that Megatron numbers this rank as the simulator's
+    topology does, and builds its stage of the model.
+    """
+
+    def __init__(
+        self, info: RankInfo, kind: str, spec: TinyModelSpec, store: dist.Store, timeout_s: float
+    ):
+        assert info.role == "trainer", info
+        self.info = info
+        self.model_spec = MegatronModelSpec(kind, spec)
+        self.refit_config = self.model_spec.refit_config()
+        torch.cuda.current_device = lambda: torch.device("cpu")  # this trainer process only
+        from megatron.core import parallel_state, tensor_parallel
+        from megatron.core.models.gpt import GPTModel
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+        tp, pp = info.tp_size, info.pp_size
+        if not dist.is_initialized():
+            dist.init_process_group(
+                "gloo",
+                store=dist.PrefixStore("megatron", store),
+                rank=info.global_rank,
+                world_size=tp * pp * info.ep_size,
+                timeout=datetime.timedelta(seconds=timeout_s),
+            )
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp
+        )
+        ranks = (
+            parallel_state.get_tensor_model_parallel_rank(),
+            parallel_state.get_pipeline_model_parallel_rank(),
+        )
+        if ranks != (info.tp_rank, info.pp_rank):
+            raise RuntimeError(
+                f"Megatron numbers global rank {info.global_rank} (tp, pp) = {ranks}, the "
+                f"simulator's topology {(info.tp_rank, info.pp_rank)}"
+            )
+        tensor_parallel.random.initialize_rng_tracker(inference_rng_tracker=True)
+        torch.manual_seed(1234 + info.pp_rank)  # Megatron's CPU init: same on every TP rank
+        self.first = parallel_state.is_pipeline_first_stage()
+        self.last = parallel_state.is_pipeline_last_stage()
+        mspec = self.model_spec
+        self.model = GPTModel(
+            mspec.transformer_config(tp, pp),
+            get_gpt_layer_local_spec(normalization="LayerNorm" if mspec.gpt2 else "RMSNorm"),
+            vocab_size=padded_vocab_size(spec.vocab_size, tp),
+            max_sequence_length=GPT2_POSITIONS if mspec.gpt2 else 2048,
+            pre_process=self.first,
+            post_process=self.last,
+            parallel_output=False,
+            share_embeddings_and_output_weights=mspec.tied,
+            position_embedding_type="learned_absolute" if mspec.gpt2 else "rope",
+        )
+        self.layer_offset = self.model.decoder.layers[0].layer_number - 1
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=LEARNING_RATE)
+        self.prompt = fixed_prompt(spec.vocab_size)  # (1, S)
+        self.labels = fixed_prompt(spec.vocab_size, length=9)[:, 1:]  # next tokens, (1, S)
+        self.steps = 0
+
+    def _inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        s = self.prompt.shape[1]
+        positions = torch.arange(s).unsqueeze(0)  # (1, S)
+        mask = torch.triu(torch.ones(s, s, dtype=torch.bool), 1)[None, None]  # True = masked
+        return self.prompt, positions, mask
+
+    def _stage(self, grad: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Run this stage on the fixed batch: (input activation received, stage output: the
+        hidden states [S, B, H], or on the last stage the logits [B, S, padded V])."""
+        from megatron.core import parallel_state
+
+        received = None
+        if not self.first:
+            s, h = self.prompt.shape[1], self.model_spec.spec.hidden_size
+            received = torch.empty(s, 1, h)  # [S, B, H]
+            dist.recv(received, parallel_state.get_pipeline_model_parallel_prev_rank())
+            received.requires_grad_(grad)
+            self.model.set_input_tensor(received)
+        ids, positions, mask = self._inputs()
+        out = self.model(ids, positions, mask)
+        if not self.last:
+            dist.send(out.detach(), parallel_state.get_pipeline_model_parallel_next_rank())
+        return received, out
+
+    def step(self) -> None:
+        """One SGD step on the fixed batch (a new weight version)."""
+        from megatron.core import parallel_state
+
+        self.optimizer.zero_grad()
+        received, out = self._stage(grad=True)
+        if self.last:
+            vocab = self.model_spec.spec.vocab_size
+            F.cross_entropy(out[0, :, :vocab], self.labels[0]).backward()
+        else:
+            grad = torch.empty_like(out)
+            dist.recv(grad, parallel_state.get_pipeline_model_parallel_next_rank())
+            out.backward(grad)
+        if received is not None:
+            assert received.grad is not None
+            dist.send(received.grad, parallel_state.get_pipeline_model_parallel_prev_rank())
+        self.optimizer.step()
+        self.steps += 1
+
+    def advance_to(self, version: int) -> None:
+        """Version v is Megatron's init after ``v - 1`` optimizer steps."""
+        while self.steps < version - 1:
+            self.step()
+
+    @torch.no_grad()
+    def logits(self) -> torch.Tensor | None:
+        """Megatron's own logits on the fixed prompt (last stage; real vocab columns), (1, S, V)."""
+        _, out = self._stage(grad=False)
+        return out[..., : self.model_spec.spec.vocab_size].clone() if self.last else None
+
+    def shards(self, version: int) -> list:
+        """This rank's own parameters at ``version`` as ``(descriptor, shard)`` pairs."""
+        self.advance_to(version)
+        return self.own_shards()
+
+    def own_shards(self) -> list:
+        """This rank's parameters as they are, as ``(descriptor, view)`` pairs."""
+        return shards_from_megatron(
+            self.model.named_parameters(),
+            self.refit_config,
+            tp=(self.info.tp_rank, self.info.tp_size),
+            layer_offset=self.layer_offset,
+        )
+
+
+def _oracle_key(version: int) -> str:
+    return f"oracle/logits/v{version}"
+
+
+def post_logits(store: dist.Store, version: int, logits: torch.Tensor) -> None:
+    """Put the trainer's logits of ``version`` where every receiver of the run can read them."""
+    payload = [list(logits.shape), logits.contiguous().numpy().tobytes()]
+    store.set(_oracle_key(version), msgspec.msgpack.encode(payload))  # type: ignore[arg-type]
+
+
+class MegatronLogits:
+    """The receivers' oracle in a Megatron run: the trainer's own logits, read from the run's
+    store; the trainer's values are not known tensor by tensor (``params`` is None).
+
+    ``atol``: the trainer's TP forward all-reduces partial sums in another order than a one-rank
+    HF forward adds them, so fp32 logits agree to about 1e-7 at TP 1 and 1e-6 at TP 2, not bit
+    for bit; 1e-5 leaves room for that and none for a layout bug (a wrong QKV interleave or
+    gate/up split is off by about 1).
+    """
+
+    atol = 1e-5
+
+    def __init__(self, store: dist.Store):
+        self.store = store
+
+    def params(self, version: int) -> None:
+        return None
+
+    def logits(self, version: int) -> torch.Tensor:
+        key = _oracle_key(version)
+        self.store.wait([key])
+        shape, raw = msgspec.msgpack.decode(self.store.get(key), type=tuple[list[int], bytes])
+        return torch.frombuffer(bytearray(raw), dtype=torch.float32).view(shape)
+
+
+def load_shards(trainer: MegatronTrainer, shards: list) -> None:
+    """Copy converted shards (``megatron_shards_from_hf`` of an HF checkpoint, this rank's)
+    into the trainer's parameters: the inverse of :meth:`MegatronTrainer.shards`, padding
+    vocab rows zeroed. A parameter no shard fills is a ``ValueError`` naming it."""
+    by_name = {d.name: t for d, t in shards}
+    published = trainer.own_shards()  # (descriptor, view of the parameter)
+    if set(by_name) != {d.name for d, _ in published}:
+        missing = sorted({d.name for d, _ in published} ^ set(by_name))
+        raise ValueError(f"load_shards: shards and parameters differ: {missing[:3]}")
+    with torch.no_grad():
+        for name, param in trainer.model.named_parameters():
+            param.zero_()  # vocab padding rows stay zero; every other byte is overwritten
+        for desc, view in published:
+            view.copy_(by_name[desc.name])
+
+
+def loaded_logits_and_grads(rank: int, kind: str, spec: TinyModelSpec, topology, shards, addr):
+    """One Megatron rank of ``topology`` (trainers only) loaded with ``shards[rank]``: its
+    logits on the fixed prompt (last stage, else None) and its gradients of the mean
+    next-token loss, as ``(descriptor, gradient shard)`` pairs (a ``launch`` rank body; arrays
+    go back as numpy, pickled by value: a torch tensor would be shared memory of an exited
+    process)."""
+    trainer = MegatronTrainer(topology.rank_info(rank), kind, spec, addr.connect(), 30.0)
+    load_shards(trainer, shards[rank])
+    logits = trainer.logits()
+    trainer.optimizer.zero_grad()
+    trainer.optimizer.param_groups[0]["lr"] = 0.0  # the step only fills .grad here
+    trainer.step()
+    grads = shards_from_megatron(
+        [(n, p.grad) for n, p in trainer.model.named_parameters()],
+        trainer.refit_config,
+        tp=(trainer.info.tp_rank, trainer.info.tp_size),
+        layer_offset=trainer.layer_offset,
+    )
+    return (None if logits is None else logits.numpy()), [(d, t.numpy()) for d, t in grads]

@@ -1,0 +1,121 @@
+"""Real Megatron-Core trainer ranks on CPU: the project's HF -> Megatron conversion loaded into
+Megatron-Core gives HF's logits and gradients (TP 1, 2, 4 and PP 2), and a plain-``cat`` QKV or
+a halved global ``[gate; up]`` is caught; Megatron's own parameters map onto descriptors."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mx_reference.refit import layouts
+from mx_reference.refit.layouts import RefitModelConfig
+from mx_sim.cluster.launch import host_store, launch
+from mx_sim.cluster.topology import TopologySpec
+from mx_sim.fixtures import TinyModelSpec, build_tiny_model, fixed_prompt, rank_shards
+from mx_sim.refit.megatron_trainer import loaded_logits_and_grads, megatron_available
+
+pytestmark = [
+    pytest.mark.multiprocess,
+    pytest.mark.xdist_group("refit-sim"),
+    pytest.mark.skipif(not megatron_available(), reason="megatron-core not installed"),
+]
+
+GQA = TinyModelSpec()  # 4 heads in 2 groups: a plain cat of q|k|v is wrong
+MHA4 = TinyModelSpec(num_kv_heads=4)  # TP 4 needs 4 query groups
+
+
+def _hf_reference(kind: str, spec: TinyModelSpec):
+    """An HF model, its logits on the fixed prompt and the gradients of the mean next-token
+    loss (the same loss the Megatron rank takes)."""
+    model = build_tiny_model(kind, spec, seed=7)
+    prompt, labels = fixed_prompt(spec.vocab_size), fixed_prompt(spec.vocab_size, 9)[:, 1:]
+    logits = model(prompt).logits
+    F.cross_entropy(logits[0], labels[0]).backward()
+    grads = {
+        n: p.grad for n, p in model.named_parameters(remove_duplicate=False) if p.grad is not None
+    }
+    return model, logits.detach(), grads
+
+
+def _shards(state, cfg, topology):
+    return [
+        rank_shards(state, cfg, tp=(i.tp_rank, i.tp_size), pp=(i.pp_rank, i.pp_size))
+        for i in topology.ranks()[: topology.num_trainers]
+    ]
+
+
+def _run(kind, spec, topology, model):
+    cfg = RefitModelConfig.from_hf(model.config)
+    state = {n: t.detach() for n, t in model.state_dict().items()}
+    shards = _shards(state, cfg, topology)
+    master, addr = host_store(f"diff-{uuid.uuid4().hex[:8]}")
+    outcomes = launch(
+        loaded_logits_and_grads,
+        topology.num_trainers,
+        (kind, spec, topology, shards, addr),
+        timeout_s=90,
+    )
+    del master
+    assert all(o.status == "ok" for o in outcomes), [o.error for o in outcomes]
+    results = []
+    for o in outcomes:
+        logits, grads = o.value
+        logits = None if logits is None else torch.from_numpy(logits)
+        results.append((logits, [(d, torch.from_numpy(g)) for d, g in grads]))
+    return cfg, results
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize(
+    ("spec", "tp", "pp"),
+    [(GQA, 1, 1), (GQA, 2, 1), (MHA4, 4, 1), (GQA, 1, 2)],
+    ids=["tp1", "tp2", "tp4", "pp2"],
+)
+def test_converted_checkpoint_gives_hf_logits_and_gradients(spec, tp, pp):
+    topology = TopologySpec(trainer_tp=tp, trainer_pp=pp)
+    model, want, grads = _hf_reference("llama", spec)
+    cfg, results = _run("llama", spec, topology, model)
+    last = [lg for lg, _ in results if lg is not None]  # every TP rank of the last stage
+    assert len(last) == tp
+    for logits in last:  # TP all-reduce order: within 1e-5, not bit-exact
+        assert (logits - want).abs().max().item() <= 1e-5
+    want_grads = _shards(grads, cfg, topology)
+    trainers = topology.ranks()[: topology.num_trainers]
+    for info, (_, got), expected in zip(trainers, results, want_grads, strict=True):
+        expected = {d.name: t for d, t in expected}
+        assert {d.name for d, _ in got} == set(expected)
+        for d, g in got:
+            scale = expected[d.name].abs().max().item() or 1.0
+            err = (g - expected[d.name]).abs().max().item() / scale
+            assert err <= 1e-4, (info.global_rank, d.name, err)
+
+
+def _plain_cat(q, k, v, *, num_heads, num_kv_heads):
+    return torch.cat([q, k, v])  # the bug: no per-group interleave
+
+
+_CUT = layouts.shard_from_canonical
+
+
+def _halved(d, full, tp, rank, **kw):
+    if d.style == "gated_mlp_column":
+        return full.chunk(tp)[rank]  # the bug: rank r takes a chunk of the global [gate; up]
+    return _CUT(d, full, tp, rank, **kw)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize(
+    ("target", "bug"), [("megatron_qkv_from_hf", _plain_cat), ("shard_from_canonical", _halved)]
+)
+def test_differential_check_catches_conversion_bugs(target, bug, monkeypatch):
+    topology = TopologySpec(trainer_tp=2)
+    model, want, _ = _hf_reference("llama", GQA)
+    monkeypatch.setattr(layouts, target, bug)
+    _, results = _run("llama", GQA, topology, model)
+    logits = next(lg for lg, _ in results if lg is not None)
+    err = (logits - want).abs().max().item()
+    print(f"{target} bug: Megatron logits off HF's by {err:.3g}")
+    assert err > 1e-2  # a thousand times the tolerance a correct conversion meets

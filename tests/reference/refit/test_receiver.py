@@ -24,7 +24,7 @@ from mx_sim.cluster.topology import TopologySpec
 from mx_sim.cpu_mock import CpuMockBackend
 from mx_sim.fixtures import VersionWeights, fixed_prompt, version_model
 from mx_sim.refit.faults import Fault
-from mx_sim.refit.ranks import MODEL_ID, TrainerRank, receiver_for
+from mx_sim.refit.ranks import MODEL_ID, HfSplitShards, TrainerRank, receiver_for
 from mx_sim.refit.rig import RefitRig, RigConfig
 from mx_sim.sim_transport import SimTransport, make_transport
 
@@ -89,7 +89,8 @@ def test_receiver_reads_each_source_on_the_device_its_endpoint_names():
     weights = VersionWeights()
     registry = VersionRegistry(dist.HashStore(), timeout=5.0)
     info = TopologySpec().rank_info(0)
-    trainer = TrainerRank(info, registry, SimTransport("trainer-dev1", device_id=1), weights)
+    on_device_1 = SimTransport("trainer-dev1", device_id=1)
+    trainer = TrainerRank(info, registry, on_device_1, HfSplitShards(weights, info))
     model = version_model("llama", None, 0)
     agent = SimTransport("receiver-dev0")
     receiver = receiver_for(

@@ -159,3 +159,52 @@ def test_scenario_quick_rows_pass(tmp_path):
     rows = run(tmp_path, quick=True)
     assert len(rows) == 3 and all(r.passed for r in rows), [r.detail for r in rows]
     assert all(r.timings["register"] == 0.0 and r.bytes_moved > 0 for r in rows)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(not megatron_available(), reason="megatron-core not installed")
+def test_cli_megatron_trainer_tp2_to_tp1_three_cycles(tmp_path):
+    out = tmp_path / "out"
+    argv = ["run", "--scenarios", "refit", "--trainer", "megatron", "--out", str(out)]
+    assert cli.main([*argv, "--trainer-tp", "2", "--inference-tp", "1", "--cycles", "3"]) == 0
+    (row,) = json.loads((out / "report.json").read_text())["scenarios"]
+    assert row["passed"] and row["detail"].startswith("logits within 1e-05 of Megatron-Core's")
+    assert [len(cs) for cs in row["details"]["receivers"]] == [3]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--trainer", "megatron", "--trainer-tp", "4"], "Megatron-Core refuses TP4 x PP1: "
+         "num_query_groups (2) must be a multiple of tensor_model_parallel_size (4)"),
+        (["--trainer", "megatron", "--trainer-tp", "3"], "Megatron-Core refuses TP3 x PP1: "
+         "num_attention_heads (4) must be a multiple of tensor_model_parallel_size (3)"),
+        (["--trainer", "megatron", "--trainer-pp", "3"], "num_layers (2) must be a multiple of "
+         "pipeline_model_parallel_size (3)"),
+        (["--trainer", "megatron", "--model", "mixtral"], "model 'mixtral' does not run through "
+         "Megatron-Core here"),
+    ],
+)  # fmt: skip
+def test_a_topology_megatron_refuses_is_one_line_before_any_spawn(argv, message, capsys):
+    if not megatron_available():
+        pytest.skip("megatron-core not installed")
+    rc = cli.main(["run", "--scenarios", "refit", "--out", "unused", *argv])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and err.count("\n") == 1, err
+
+
+def test_without_megatron_the_run_says_it_falls_back_in_one_line(tmp_path, monkeypatch, capsys):
+    from mx_sim.scenarios import refit
+
+    class Stop(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Stop  # the line is printed before the first row runs
+
+    monkeypatch.setattr(refit, "megatron_available", lambda: False)
+    monkeypatch.setattr(refit, "run_topology", stop)
+    with pytest.raises(Stop):
+        refit.run(tmp_path, quick=True)
+    lines = [line for line in capsys.readouterr().out.splitlines() if "megatron" in line]
+    assert lines == ["[mx-sim] megatron-core is not installed: refit rows use the HF-split trainer"]

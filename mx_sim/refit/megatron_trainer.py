@@ -306,7 +306,7 @@ def load_shards(trainer: MegatronTrainer, shards: list) -> None:
         missing = sorted({d.name for d, _ in published} ^ set(by_name))
         raise ValueError(f"load_shards: shards and parameters differ: {missing[:3]}")
     with torch.no_grad():
-        for name, param in trainer.model.named_parameters():
+        for param in trainer.model.parameters():
             param.zero_()  # vocab padding rows stay zero; every other byte is overwritten
         for desc, view in published:
             view.copy_(by_name[desc.name])

@@ -81,7 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
         default="sim",
         help="refit data plane: the simulated transport (default) or real NIXL over UCX",
     )
-    run.add_argument("--model", default=None, help="tiny HF model for a custom refit topology")
+    run.add_argument(
+        "--model",
+        default=None,
+        help="tiny HF model for a custom refit topology: llama, qwen2, qwen3, mixtral or gpt2",
+    )
     for side, dims in (("trainer", ("tp", "pp", "ep")), ("inference", ("tp", "pp"))):
         for dim in dims:
             run.add_argument(

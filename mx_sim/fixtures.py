@@ -3,6 +3,7 @@ trainer's weights at each version (the oracle every refit is checked against).
 
 The models are built from small configs with random init, no downloads, so the suite runs
 model code nobody here wrote: Llama-style GQA, Qwen2 (q/k/v biases, optional tied embeddings),
+Qwen3 (q/k norms),
 Mixtral MoE (transformers 5 stores experts fused and stacked) and GPT-2 (tied embeddings,
 Conv1D weights). ``transformers`` is a test-only extra, imported lazily.
 """
@@ -72,6 +73,12 @@ def _gpt2(spec: TinyModelSpec) -> torch.nn.Module:
 MODEL_BUILDERS: dict[str, Callable[[TinyModelSpec], torch.nn.Module]] = {
     "llama": lambda s: _hf_model("LlamaConfig", "LlamaForCausalLM", **_decoder_config(s)),
     "qwen2": lambda s: _hf_model("Qwen2Config", "Qwen2ForCausalLM", **_decoder_config(s)),
+    "qwen3": lambda s: _hf_model(
+        "Qwen3Config",
+        "Qwen3ForCausalLM",
+        **_decoder_config(s),
+        head_dim=s.hidden_size // s.num_heads,
+    ),
     "mixtral": lambda s: _hf_model(
         "MixtralConfig",
         "MixtralForCausalLM",

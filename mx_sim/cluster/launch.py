@@ -33,6 +33,7 @@ PRELOAD = (
     "transformers",
     "transformers.models.llama.modeling_llama",
     "transformers.models.qwen2.modeling_qwen2",
+    "transformers.models.qwen3.modeling_qwen3",
     "transformers.models.mixtral.modeling_mixtral",
     "transformers.models.gpt2.modeling_gpt2",
     "mx_sim.refit.multiprocess",

@@ -32,6 +32,12 @@ MATRIX: dict[str, MatrixRow] = {
     "refit tied embeddings": MatrixRow(
         TopologySpec(trainer_tp=2), "gpt2", TinyModelSpec(vocab_size=200)
     ),
+    "refit tied Llama TP2->TP1": MatrixRow(
+        TopologySpec(trainer_tp=2), model_spec=TinyModelSpec(tie_word_embeddings=True)
+    ),
+    # Qwen3's q/k norms are replicated over TP but see only each rank's heads: their gradients
+    # must be summed over TP (Megatron's finalize_model_grads), or the ranks' copies drift
+    "refit Qwen3 q/k-norm TP2->TP2": MatrixRow(TopologySpec(trainer_tp=2, inference_tp=2), "qwen3"),
     "refit fan-out 1->1->2": MatrixRow(TopologySpec(replicas=3), fanout=True),
 }
 QUICK = ("refit TP2->TP1", "refit TP2->TP4 GQA", "refit EP2->EP1 MoE")

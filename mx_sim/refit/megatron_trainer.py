@@ -19,8 +19,9 @@ What running on CPU takes (``shared/reference/engines.md`` has the measurements)
   (``pipeline_parallel/schedules.py``), so one micro-batch goes forward stage by stage through
   ``GPTModel.set_input_tensor`` and back, over gloo ``send``/``recv``.
 
-Families: ``llama`` (RMSNorm, SwiGLU, RoPE, GQA; tied or not), ``qwen2`` (q/k/v biases) and
-``gpt2`` (LayerNorm, tanh-GELU, learned positions, biases, tied). MoE is not run through
+Families: ``llama`` (RMSNorm, SwiGLU, RoPE, GQA; tied or not), ``qwen2`` (q/k/v biases),
+``qwen3`` (q/k RMSNorm per head) and ``gpt2`` (LayerNorm, tanh-GELU, learned positions, biases,
+tied). MoE is not run through
 Megatron here (see docs/simulator.md).
 """
 
@@ -41,7 +42,7 @@ from mx_reference.refit.name_maps import RefitModelConfig
 from mx_sim.cluster.topology import RankInfo
 from mx_sim.fixtures import TinyModelSpec, build_tiny_model, fixed_prompt
 
-FAMILIES = ("llama", "qwen2", "gpt2")
+FAMILIES = ("llama", "qwen2", "qwen3", "gpt2")
 LEARNING_RATE = 0.05
 GPT2_POSITIONS = 64  # mx_sim.fixtures builds GPT-2 with n_positions=64
 
@@ -113,6 +114,7 @@ class MegatronModelSpec:
             activation_func=(lambda x: F.gelu(x, approximate="tanh")) if gpt2 else F.silu,
             add_bias_linear=gpt2,
             add_qkv_bias=gpt2 or self.kind == "qwen2",
+            qk_layernorm=self.kind == "qwen3",
             tensor_model_parallel_size=tp,
             pipeline_model_parallel_size=pp,
             params_dtype=torch.float32,
@@ -177,7 +179,10 @@ class MegatronTrainer:
         mspec = self.model_spec
         self.model = GPTModel(
             mspec.transformer_config(tp, pp),
-            get_gpt_layer_local_spec(normalization="LayerNorm" if mspec.gpt2 else "RMSNorm"),
+            get_gpt_layer_local_spec(
+                normalization="LayerNorm" if mspec.gpt2 else "RMSNorm",
+                qk_layernorm=mspec.kind == "qwen3",
+            ),
             vocab_size=padded_vocab_size(spec.vocab_size, tp),
             max_sequence_length=GPT2_POSITIONS if mspec.gpt2 else 2048,
             pre_process=self.first,
@@ -232,8 +237,22 @@ class MegatronTrainer:
         if received is not None:
             assert received.grad is not None
             dist.send(received.grad, parallel_state.get_pipeline_model_parallel_prev_rank())
+        self._reduce_replicated_grads()
         self.optimizer.step()
         self.steps += 1
+
+    def _reduce_replicated_grads(self) -> None:
+        """What Megatron's ``finalize_model_grads`` does for the replicated weights that see
+        only this rank's heads: q/k layernorm gradients are summed over TP. Skipped, the TP
+        ranks' copies drift apart (receivers catch it: their digests disagree)."""
+        from megatron.core import parallel_state
+
+        if self.info.tp_size == 1:
+            return
+        group = parallel_state.get_tensor_model_parallel_group()
+        for name, param in self.model.named_parameters():
+            if ("q_layernorm" in name or "k_layernorm" in name) and param.grad is not None:
+                dist.all_reduce(param.grad, group=group)
 
     def advance_to(self, version: int) -> None:
         """Version v is Megatron's init after ``v - 1`` optimizer steps."""

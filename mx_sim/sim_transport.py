@@ -13,12 +13,19 @@ delay, corrupt, or kill the process in the middle of a transfer, deterministical
 sees each fault through the same exceptions the NIXL transport raises: ``TransferFailed``,
 ``TransferTimeout`` (from its deadline), silently wrong bytes (corruption is silent on real
 hardware too: verify digests above the transport), and ``RemoteGone`` (socket closed).
+
+Tests and CI run it on shared machines, so a server serves only clients that present the
+random token in its metadata (whoever can read the run's store), and it writes only into
+files of torch's shared-memory namespace (``/dev/shm/torch_*``, one path component): a read
+naming any other destination is refused with an error reply, and nothing is written.
 """
 
 from __future__ import annotations
 
+import hmac
 import mmap
 import os
+import secrets
 import socket
 import struct
 import threading
@@ -87,10 +94,12 @@ class _Meta(msgspec.Struct, frozen=True):
     pid: int
     sock: str
     regions: list[_Region]
+    token: str  # a client must present it: only holders of this metadata may connect
 
 
 class _Hello(msgspec.Struct, tag=True):
     name: str
+    token: str
 
 
 class _Read(msgspec.Struct, tag=True):
@@ -128,7 +137,12 @@ def _recv(sock: socket.socket) -> _Msg | None:
     if header is None:
         return None
     payload = _recv_exact(sock, _LEN.unpack(header)[0])
-    return None if payload is None else _msg_decoder.decode(payload)
+    if payload is None:
+        return None
+    try:
+        return _msg_decoder.decode(payload)
+    except msgspec.DecodeError:
+        return None  # not our protocol: the connection is dropped
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
@@ -159,6 +173,8 @@ class _Files:
         self._lock = threading.Lock()
 
     def view(self, name: str, offset: int, length: int) -> memoryview:
+        if not shm_name_ok(name):
+            raise ValueError(f"{name!r} is not a file of torch's shared-memory namespace")
         with self._lock:
             m = self._maps.get(name)
             if m is None:
@@ -179,7 +195,7 @@ class _Peer:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self.sock.connect(meta.sock)
-            _send(self.sock, _Hello(owner.name))
+            _send(self.sock, _Hello(owner.name, meta.token))
         except OSError as exc:
             self.sock.close()
             raise RemoteGone(f"{owner.name}: cannot reach agent {meta.name!r}: {exc}") from exc
@@ -224,6 +240,7 @@ class SimTransport(Transport):
         self._next_xfer = 0
         # Linux abstract socket namespace: no file to leak when a process dies.
         self._sock_path = f"\0mxsim-{os.getpid()}-{uuid.uuid4().hex}"
+        self._token = secrets.token_hex(16)
         self._server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._server.bind(self._sock_path)
         self._server.listen()
@@ -263,7 +280,9 @@ class SimTransport(Transport):
         self._served_regions = [r for r in self._served_regions if id(r) not in gone]
 
     def _metadata(self) -> bytes:
-        meta = _Meta(self.name, os.getpid(), self._sock_path, list(self._served_regions))
+        meta = _Meta(
+            self.name, os.getpid(), self._sock_path, list(self._served_regions), self._token
+        )
         return _encoder.encode(meta)
 
     def _add_remote(self, metadata: bytes) -> str:
@@ -380,7 +399,8 @@ class SimTransport(Transport):
 
     def _serve(self, conn: socket.socket) -> None:
         hello = _recv(conn)
-        if not isinstance(hello, _Hello):
+        if not isinstance(hello, _Hello) or not hmac.compare_digest(hello.token, self._token):
+            conn.close()  # no token, no service: only holders of our metadata may read
             return
         while (msg := _recv(conn)) is not None:
             if isinstance(msg, _Notif):
@@ -408,6 +428,8 @@ class SimTransport(Transport):
         budget = plan.die_after_bytes if k == plan.die_on else None
         copies = []
         for addr, length, device, file, offset in req.items:
+            if not shm_name_ok(file):
+                return _Reply(req.xfer, error=f"destination {file!r} is outside /dev/shm/torch_*")
             want = MemDesc(addr, length, device)
             src = next((r for r in self._served_regions if _inside(r, want)), None)
             if src is None:
@@ -470,6 +492,12 @@ def make_transport(
     from mx_sim.cpu_mock import CpuMockBackend
 
     return NixlTransport(name, CpuMockBackend(), NixlConfig(progress_thread=serves))
+
+
+def shm_name_ok(name: str) -> bool:
+    """A file torch's ``file_system`` sharing made: one name under /dev/shm, ``torch_*``."""
+    base = name.removeprefix("/")
+    return base.startswith("torch_") and "/" not in base and ".." not in base
 
 
 def _inside(r: _Region, d: MemDesc) -> bool:

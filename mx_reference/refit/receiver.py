@@ -451,6 +451,8 @@ class RefitReceiver:
             return self.registry.wait_for_version(
                 self.config.model_id, wanted, timeout=self.config.timeout_s
             )
+        except ValueError as exc:  # a registry entry that does not decode
+            raise RefitError(f"v{wanted}: {exc}") from exc
         except TimeoutError as exc:
             older = self.registry.discover(self.config.model_id)
             if older:

@@ -99,8 +99,19 @@ class VersionRegistry:
         ns = self._ns(model)
         if version not in self._index(ns):
             raise LookupError(f"model {model!r}: version {version} is not committed (or retired)")
-        world = int(ns.get(f"v{version}/world"))
-        return [decode_manifest(ns.get(f"v{version}/rank/{r}")) for r in range(world)]
+        # the index may name a version whose keys are gone or never came: wait the registry's
+        # own deadline for them, not the store's
+        world = int(self._get(ns, model, f"v{version}/world"))
+        return [decode_manifest(self._get(ns, model, f"v{version}/rank/{r}")) for r in range(world)]
+
+    def _get(self, ns: dist.PrefixStore, model: str, key: str) -> bytes:
+        try:
+            ns.wait([key], timedelta(seconds=self.timeout))
+        except RuntimeError as exc:  # DistStoreError: the key did not appear in time
+            raise LookupError(
+                f"model {model!r}: registry key {key!r} missing after {self.timeout:.3g} s"
+            ) from exc
+        return ns.get(key)
 
     def retire(self, model: str, version: int) -> bool:
         """Hide a version from discovery, then delete its keys. False if it was not committed."""
@@ -125,18 +136,25 @@ class VersionRegistry:
 
     @staticmethod
     def _index(ns: dist.PrefixStore) -> list[int]:
-        if not ns.check(["index"]):
-            return []
-        return msgspec.msgpack.decode(ns.get("index"), type=list[int])
+        return _parse_index(ns.get("index")) if ns.check(["index"]) else []
 
     def _update_index(self, ns: dist.PrefixStore, change) -> None:
         deadline = time.monotonic() + self.timeout
         while True:
             cur = ns.get("index") if ns.check(["index"]) else b""
-            old = msgspec.msgpack.decode(cur, type=list[int]) if cur else []
+            old = _parse_index(cur) if cur else []
             new = msgspec.msgpack.encode(change(old))
             if ns.compare_set("index", cur, new) == new:  # type: ignore[arg-type]
                 return
             if time.monotonic() > deadline:
                 raise TimeoutError(f"registry index update did not settle within {self.timeout}s")
             time.sleep(_POLL_S)
+
+
+def _parse_index(raw: bytes) -> list[int]:
+    try:
+        return msgspec.msgpack.decode(raw, type=list[int])
+    except msgspec.DecodeError as exc:  # ValidationError included
+        raise ValueError(
+            f"registry field 'index': not a msgpack list of versions ({exc})"
+        ) from None

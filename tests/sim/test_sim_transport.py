@@ -140,3 +140,54 @@ def test_scripted_faults_across_processes(tmp_path):
         if proc.is_alive():
             proc.kill()
         proc.join(5)
+
+
+def _raw_client(agent: SimTransport, token: str):
+    import socket
+
+    from mx_sim.sim_transport import _Hello, _meta_decoder, _send
+
+    meta = _meta_decoder.decode(agent.metadata())
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(meta.sock)
+    _send(sock, _Hello("intruder", token if token else meta.token))
+    return sock, meta
+
+
+def test_a_client_without_the_metadata_token_is_not_served():
+    from mx_sim.sim_transport import _Read, _recv, _send
+
+    src_t, dst_t, _, src, _ = _agents(FaultPlan())
+    try:
+        sock, meta = _raw_client(src_t, token="0" * 32)
+        sock.settimeout(5)
+        try:
+            _send(sock, _Read(1, b"", [(meta.regions[0].addr, 8, 0, meta.regions[0].file, 0)]))
+        except OSError:
+            pass  # already closed
+        assert _recv(sock) is None  # dropped: no reply, nothing served
+        sock.close()
+        assert src_t.served == 0
+    finally:
+        dst_t.close()
+        src_t.close()
+
+
+def test_a_read_into_a_file_outside_torch_shared_memory_is_refused(tmp_path):
+    from mx_sim.sim_transport import _Read, _recv, _send
+
+    src_t, dst_t, _, src, _ = _agents(FaultPlan())
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"untouched")
+    try:
+        sock, meta = _raw_client(src_t, token="")
+        sock.settimeout(5)
+        escape = f"../..{victim}"  # /dev/shm/../../<tmp>/victim
+        _send(sock, _Read(7, b"", [(meta.regions[0].addr, 8, 0, escape, 0)]))
+        reply = _recv(sock)
+        sock.close()
+        assert reply is not None and "outside /dev/shm/torch_*" in reply.error
+        assert victim.read_bytes() == b"untouched"
+    finally:
+        dst_t.close()
+        src_t.close()

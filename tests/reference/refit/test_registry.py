@@ -112,3 +112,27 @@ def test_concurrent_publishers_over_tcpstore():
             if p.is_alive():
                 p.kill()
             p.join(timeout=5)
+
+
+def test_a_garbage_index_is_a_value_error_and_a_refit_error_in_refit():
+    from mx_reference.refit.receiver import RefitError
+    from mx_sim.refit.rig import RefitRig, RigConfig
+
+    with RefitRig(RigConfig(timeout_s=1.0)) as rig:
+        dist.PrefixStore("mx/refit/tiny/", rig.store).set("index", b"\xc1garbage")
+        with pytest.raises(ValueError, match="registry field 'index'"):
+            rig.registry.discover("tiny")
+        with pytest.raises(RefitError, match="registry field 'index'"):
+            rig.receiver.refit(1)
+
+
+def test_an_index_naming_an_uncommitted_version_waits_the_registry_timeout_only():
+    import time
+
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, timeout=timedelta(seconds=20))
+    reg = VersionRegistry(store, timeout=0.5)
+    dist.PrefixStore("mx/refit/m/", store).set("index", b"\x91\x05")  # [5], keys never written
+    start = time.monotonic()
+    with pytest.raises(LookupError, match="registry key 'v5/world' missing after 0.5 s"):
+        reg.manifests("m", 5)
+    assert time.monotonic() - start < 5  # the registry's 0.5 s, not the store's 20 s

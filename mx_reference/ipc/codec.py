@@ -50,8 +50,54 @@ _Payload = tuple[str, tuple[int, ...], int, bytes | int | dict[str, Any]]
 
 class DecodeError(ValueError):
     """The one exception the decoder raises for malformed input: bad msgpack, truncated frames,
-    wrong buffer counts, unknown dtypes or extension codes, sizes that do not match the data, or a
-    channel handle with no channel to open it."""
+    wrong buffer counts, unknown dtypes or extension codes, sizes that do not match the data, a
+    channel handle with no channel to open it, or containers nested deeper than
+    :data:`MAX_DEPTH`."""
+
+
+# Containers a header may nest. msgspec decodes recursively and raises RecursionError (not a
+# DecodeError) near 1000 levels, so deeper input is refused before it reaches msgspec.
+MAX_DEPTH = 64
+_FIXED = {0xCA: 4, 0xCB: 8, 0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8, 0xD0: 1, 0xD1: 2, 0xD2: 4,
+          0xD3: 8, 0xD4: 2, 0xD5: 3, 0xD6: 5, 0xD7: 9, 0xD8: 17}  # fmt: skip
+_SIZED = {0xC4: (1, 0), 0xC5: (2, 0), 0xC6: (4, 0), 0xC7: (1, 1), 0xC8: (2, 1), 0xC9: (4, 1),
+          0xD9: (1, 0), 0xDA: (2, 0), 0xDB: (4, 0)}  # (length bytes, ext type byte)  # fmt: skip
+_CONTAINERS = {0xDC: (2, 1), 0xDD: (4, 1), 0xDE: (2, 2), 0xDF: (4, 2)}  # (length bytes, items)
+
+
+def check_depth(data: Frame, limit: int = MAX_DEPTH) -> None:
+    """``DecodeError`` when the msgpack value in ``data`` nests containers deeper than
+    ``limit``. Reads only type and length bytes (strings, binaries and extensions are skipped
+    whole); anything malformed is left for the decoder to report."""
+    buf, pos = bytes(data), 0
+    pending = [1]  # items still to read at each open level; the root level holds one value
+    while pending and pos < len(buf):
+        if pending[-1] == 0:
+            pending.pop()
+            continue
+        pending[-1] -= 1
+        t = buf[pos]
+        pos += 1
+        count = 0
+        if 0x80 <= t <= 0x8F:
+            count = 2 * (t & 0x0F)  # fixmap: keys and values
+        elif 0x90 <= t <= 0x9F:
+            count = t & 0x0F
+        elif 0xA0 <= t <= 0xBF:
+            pos += t & 0x1F
+        elif t in _FIXED:
+            pos += _FIXED[t]
+        elif t in _SIZED:
+            width, ext = _SIZED[t]
+            pos += width + ext + int.from_bytes(buf[pos : pos + width], "big")
+        elif t in _CONTAINERS:
+            width, per = _CONTAINERS[t]
+            count = per * int.from_bytes(buf[pos : pos + width], "big")
+            pos += width
+        if count:
+            if len(pending) > limit:
+                raise DecodeError(f"containers nested deeper than {limit} levels")
+            pending.append(count)
 
 
 class TensorSink(Protocol):
@@ -234,6 +280,7 @@ class Decoder:
         for i, frame in enumerate(frames):
             if not isinstance(frame, bytes | bytearray | memoryview):
                 raise DecodeError(f"frame {i} is a {type(frame).__name__}, not a buffer")
+        check_depth(frames[0])
         self._frames, self._used, self._n_tensors = frames, set(), 0
         try:
             obj = self._msgpack.decode(frames[0])
@@ -256,6 +303,7 @@ class Decoder:
         if code not in (EXT_TENSOR, EXT_NDARRAY):
             raise DecodeError(f"unknown extension code {code}")
         what = f"tensor {self._n_tensors}" if code == EXT_TENSOR else "ndarray"
+        check_depth(data)  # a channel handle is a map, and maps nest
         try:
             dtype_name, shape, kind, value = self._payload.decode(data)
         except (msgspec.DecodeError, UnicodeDecodeError) as exc:

@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mx_reference.ipc import DEFAULT_INLINE_THRESHOLD, DecodeError, Decoder, Encoder
-from mx_reference.ipc.codec import EXT_TENSOR, FRAME, HANDLE, INLINE, TORCH_DTYPES
+from mx_reference.ipc.codec import EXT_TENSOR, FRAME, HANDLE, INLINE, MAX_DEPTH, TORCH_DTYPES
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -210,6 +210,35 @@ def test_frame_referenced_twice():
     )
     with pytest.raises(DecodeError, match="referenced twice"):
         Decoder().decode([header, b"x"])
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        b"\x91" * 1000 + b"\xc0",  # fixarrays: msgspec itself raised RecursionError here
+        b"\x81\xa1k" * 500 + b"\xc0",  # fixmaps
+        b"\xdd\x00\x00\x00\x01" * 200 + b"\xc0",  # array32
+        b"\x91" * (MAX_DEPTH + 1) + b"\xc0",  # one level past the cap
+    ],
+    ids=["fixarray-1000", "fixmap-500", "array32-200", "cap+1"],
+)
+def test_deep_nesting_is_a_decode_error_not_a_recursion_error(header):
+    with pytest.raises(DecodeError, match=f"nested deeper than {MAX_DEPTH} levels"):
+        Decoder().decode([header])
+
+
+def test_nesting_up_to_the_cap_decodes():
+    value = None
+    for _ in range(MAX_DEPTH):
+        value = [value]
+    assert Decoder().decode(Encoder().encode(value)) == value
+
+
+def test_a_deep_channel_handle_inside_a_tensor_is_a_decode_error():
+    fields = b"".join(msgspec.msgpack.encode(x) for x in ("float32", (4,), HANDLE))
+    raw = b"\x94" + fields + b"\x81\xa1k" * 2000 + b"\x00"  # a handle of 2000 nested maps
+    with pytest.raises(DecodeError, match="nested deeper"):
+        Decoder().decode([msgspec.msgpack.encode(msgspec.msgpack.Ext(EXT_TENSOR, raw))])
 
 
 @given(st.binary(max_size=200), st.lists(st.binary(max_size=64), max_size=3))

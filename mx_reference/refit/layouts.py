@@ -378,6 +378,23 @@ def _spec(
     )
 
 
+def canonical_shapes(
+    model: torch.nn.Module, cfg: RefitModelConfig, expert_layout: str = "per_expert"
+) -> dict[str, tuple[int, ...]]:
+    """The global shape of every canonical Megatron tensor of ``model``'s HF parameters,
+    computed on meta tensors (nothing allocated): what a receiver lets a manifest declare."""
+    meta = {
+        n: torch.empty(p.shape, dtype=p.dtype, device="meta")
+        for n, p in model.named_parameters(remove_duplicate=False)
+    }
+    out = {}
+    for rule in tensor_rules(cfg, expert_layout):
+        full = canonical_from_hf(rule, meta, cfg)
+        grouped = rule.style in EXPERT_STYLES and rule.expert is None
+        out[rule.megatron] = (cfg.num_experts, *full.shape[1:]) if grouped else tuple(full.shape)
+    return out
+
+
 def megatron_shards_from_hf(
     hf: Mapping[str, torch.Tensor],
     cfg: RefitModelConfig,

@@ -54,6 +54,7 @@ from mx_reference.refit.layouts import (
     Regrouped,
     StagedTensors,
     canonical_from_ranks,
+    canonical_shapes,
     canonical_from_shards,
     hf_from_canonical,
     megatron_name_map,
@@ -236,6 +237,7 @@ class RefitReceiver:
         # every Megatron tensor takes the dtype of the HF parameters it is made of
         expected = {m: dtype[hf[0]] for m, hf in names.items() if hf[0] in dtype}
         self.plans = PlanCache(expected=expected)
+        self.global_shapes = canonical_shapes(model, model_config, config.expert_layout)
         self.buffers = BufferCache(transport, self.backend)
         self.applied_version = 0
         self.history: list[CycleTiming] = []
@@ -474,6 +476,13 @@ class RefitReceiver:
         hits = self.plans.hits
         plan = self.plans.get(manifests, self.target, self.model_config).require_complete()
         timing.plan_cache_hit = self.plans.hits > hits
+        # before anything is allocated: a manifest may only describe this model's own tensors
+        for name, t in plan.tensors.items():
+            if t.spec.global_shape != self.global_shapes[name]:
+                raise RefitError(
+                    f"tensor {name!r}: field 'global_shape': sources declare "
+                    f"{t.spec.global_shape}, this model's is {self.global_shapes[name]}"
+                )
         return plan
 
     def _vote(self, version: int, failure: Exception | None) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
+import msgspec
 import pytest
 import torch
 import torch.distributed as dist
@@ -19,7 +20,7 @@ from mx_reference.refit.publisher import PublisherConfig, RefitPublisher
 from mx_reference.refit.receiver import RefitError, RefitReceiver, StaleVersion
 from mx_reference.refit.registry import VersionRegistry
 from mx_reference.refit.replicas import ReplicaSource
-from mx_reference.refit.wire import decode_endpoint
+from mx_reference.refit.wire import decode_endpoint, make_manifest
 from mx_sim.cluster.topology import TopologySpec
 from mx_sim.cpu_mock import CpuMockBackend
 from mx_sim.fixtures import VersionWeights, fixed_prompt, version_model
@@ -340,3 +341,25 @@ def test_benchmark_quick_writes_results_and_plot(tmp_path):
     assert warm.met and warm.metrics["warm_registrations"] == 0
     assert warm.metrics["cold_registrations"] > 0
     assert (tmp_path / "refit.json").exists() and (tmp_path / "refit_phases.png").exists()
+
+
+@pytest.mark.parametrize("rows", [2**34, 2**28, 65])
+def test_a_manifest_declaring_a_shape_the_model_does_not_have_allocates_nothing(rig_factory, rows):
+    # a hostile or mismatched manifest: the final norm claims `rows` elements (the model has 64).
+    # 2**34 float32 elements once made a receiver try to allocate 68.7 GB before failing
+    rig = rig_factory()
+    rig.cycle(1)
+    (manifest,) = rig.publish(2)
+    rig.registry.retire(MODEL_ID, 2)
+    name = "decoder.final_layernorm.weight"
+    forged = [
+        msgspec.structs.replace(d, global_shape=(rows,), nbytes=rows * 4) if d.name == name else d
+        for d in manifest.tensors
+    ]
+    rig.registry.publish(make_manifest(MODEL_ID, 3, forged, agent_metadata=manifest.agent_metadata))
+    arenas = dict(rig.receiver.buffers._arenas)
+    digest = model_digest(rig.model)
+    with pytest.raises(RefitError, match=f"{name}.*field 'global_shape'.*\\({rows},\\).*\\(64,\\)"):
+        rig.receiver.refit(3)
+    assert rig.receiver.buffers._arenas == arenas  # nothing allocated or registered
+    assert model_digest(rig.model) == digest

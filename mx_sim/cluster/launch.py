@@ -16,6 +16,7 @@ import datetime
 import multiprocessing
 import os
 import queue
+import socket
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -61,16 +62,29 @@ class StoreAddress:
         return dist.PrefixStore(self.prefix, store)
 
 
-def host_store(prefix: str, timeout_s: float = 30.0) -> tuple[dist.TCPStore, StoreAddress]:
-    """Host a TCPStore on a free loopback port; keep the returned object alive while in use."""
+def host_store(
+    prefix: str, timeout_s: float = 30.0, host: str = "127.0.0.1"
+) -> tuple[dist.TCPStore, StoreAddress]:
+    """Host a TCPStore on a free port listening on ``host`` only (loopback unless an address
+    is named); keep the returned object alive while in use.
+
+    Given a port, torch's TCPStore listens on every interface (``[::]``) whatever host name it
+    is given, so the listening socket is bound here and handed over (``master_listen_fd``).
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.bind((host, 0))
+    listener.listen(1024)
+    port = listener.getsockname()[1]
     store = dist.TCPStore(
-        "127.0.0.1",
-        0,
+        host,
+        port,
         is_master=True,
         wait_for_workers=False,
         timeout=datetime.timedelta(seconds=timeout_s),
+        master_listen_fd=listener.detach(),  # the store owns the socket from here on
     )
-    return store, StoreAddress("127.0.0.1", store.port, prefix, timeout_s)
+    return store, StoreAddress(host, port, prefix, timeout_s)
 
 
 def store_from_env(prefix: str, timeout_s: float = 60.0) -> tuple[dist.Store, int, int]:

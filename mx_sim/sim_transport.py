@@ -480,7 +480,9 @@ def make_transport(
     ``FaultPlan`` and a stand-in device id) or a real ``nixl`` agent on CPU memory.
 
     ``serves=False`` is a pull-only agent; for NIXL that drops the progress thread, which
-    would otherwise spin on a core the copies need (see ``NixlConfig``).
+    would otherwise spin on a core the copies need (see ``NixlConfig``). NIXL agents here keep
+    UCX on loopback (``UCX_NET_DEVICES=lo``: without it UCX listens on every interface); set
+    ``UCX_NET_DEVICES`` to name another interface.
     """
     if kind == "sim":
         return SimTransport(name, faults, device_id=device_id)
@@ -488,10 +490,13 @@ def make_transport(
         raise ValueError(f"transport {kind!r} not in {TRANSPORTS}")
     if faults is not None or device_id:
         raise ValueError("faults and device ids are simulated by the 'sim' transport only")
-    from mx_reference.transport.nixl import NixlConfig, NixlTransport
+    from mx_reference.transport.nixl import DEFAULT_UCX_ENV, NixlConfig, NixlTransport
     from mx_sim.cpu_mock import CpuMockBackend
 
-    return NixlTransport(name, CpuMockBackend(), NixlConfig(progress_thread=serves))
+    loopback = {**DEFAULT_UCX_ENV, "UCX_NET_DEVICES": "lo"}  # applied only where unset
+    return NixlTransport(
+        name, CpuMockBackend(), NixlConfig(progress_thread=serves, ucx_env=loopback)
+    )
 
 
 def shm_name_ok(name: str) -> bool:

@@ -54,8 +54,8 @@ from mx_reference.refit.layouts import (
     Regrouped,
     StagedTensors,
     canonical_from_ranks,
-    canonical_shapes,
     canonical_from_shards,
+    canonical_shapes,
     hf_from_canonical,
     megatron_name_map,
     shard_pieces,
@@ -192,10 +192,16 @@ class BufferCache:
         self._arenas[key] = arena
         return arena
 
+    def keys(self) -> set[tuple]:
+        return set(self._arenas)
+
+    def release(self, keys: set[tuple]) -> None:
+        """Deregister and drop the arenas of ``keys``."""
+        for key in keys:
+            self.transport.deregister(self._arenas.pop(key).registration)
+
     def close(self) -> None:
-        for arena in self._arenas.values():
-            self.transport.deregister(arena.registration)
-        self._arenas.clear()
+        self.release(self.keys())
 
 
 class RefitReceiver:
@@ -268,27 +274,28 @@ class RefitReceiver:
             )
         timing = CycleTiming(version=version)
         start = time.perf_counter()
-        failure: Exception | None = None
-        try:
-            with _phase(timing, "discover"):
-                manifests = self._sources(version)
-            timing.source_kind = manifests[0].source_kind
-            with _phase(timing, "plan"):
-                plan = self._plan(manifests, timing)
-            buffers = self.allocate(plan, manifests, timing)
-            with _phase(timing, "pull"):
-                timing.bytes_pulled = self.pull(plan, manifests, buffers)
+        with self._arenas_released_on_failure():
+            failure: Exception | None = None
+            try:
+                with _phase(timing, "discover"):
+                    manifests = self._sources(version)
+                timing.source_kind = manifests[0].source_kind
+                with _phase(timing, "plan"):
+                    plan = self._plan(manifests, timing)
+                buffers = self.allocate(plan, manifests, timing)
+                with _phase(timing, "pull"):
+                    timing.bytes_pulled = self.pull(plan, manifests, buffers)
+                with _phase(timing, "translate"):
+                    local = self.assemble(plan, buffers)
+            except Exception as exc:  # reported to the replica through the vote, then re-raised
+                failure = exc
+            self._vote(version, failure)
             with _phase(timing, "translate"):
-                local = self.assemble(plan, buffers)
-        except Exception as exc:  # reported to the replica through the vote, then re-raised
-            failure = exc
-        self._vote(version, failure)
-        with _phase(timing, "translate"):
-            canonical = self._gather(plan, local)
-            tensors = StagedTensors(self.translate(canonical))
-        with _phase(timing, "verify"):
-            self.verify(manifests, canonical, tensors)
-        timing.total = time.perf_counter() - start
+                canonical = self._gather(plan, local)
+                tensors = StagedTensors(self.translate(canonical))
+            with _phase(timing, "verify"):
+                self.verify(manifests, canonical, tensors)
+            timing.total = time.perf_counter() - start
         return StagedVersion(version, tensors, canonical, timing)
 
     def commit(self, staged: StagedVersion) -> CycleTiming:
@@ -447,6 +454,17 @@ class RefitReceiver:
         apply_in_place(self.params, tensors)
 
     # -- private steps ---------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _arenas_released_on_failure(self) -> Iterator[None]:
+        """A failed cycle releases the arenas it allocated: a broken or hostile version keeps
+        no memory allocated and registered."""
+        cached = self.buffers.keys()
+        try:
+            yield
+        except BaseException:
+            self.buffers.release(self.buffers.keys() - cached)
+            raise
 
     def _wait_for(self, wanted: int) -> int:
         try:

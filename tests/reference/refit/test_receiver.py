@@ -363,3 +363,13 @@ def test_a_manifest_declaring_a_shape_the_model_does_not_have_allocates_nothing(
         rig.receiver.refit(3)
     assert rig.receiver.buffers._arenas == arenas  # nothing allocated or registered
     assert model_digest(rig.model) == digest
+
+
+def test_a_failed_cold_cycle_releases_the_arenas_it_allocated(rig_factory):
+    rig = rig_factory(trainer_tp=2, fault=Fault("read_failed", cycle=1, rank=1))
+    with pytest.raises(RefitError, match="injected failure"):
+        rig.cycle(1)
+    assert rig.receiver.buffers.keys() == set()  # nothing stays allocated or registered
+    assert rig.receiver.transport.registered() == []
+    rig.cycle(2)  # the next version sets them up again
+    assert rig.receiver.applied_version == 2 and rig.receiver.buffers.keys()

@@ -5,7 +5,9 @@ each version through a receiver and checks it against the trainer's weights. The
 run one per process (:mod:`~mx_sim.refit.multiprocess`, torchrun), as threads or side by side in
 one process (:mod:`~mx_sim.refit.rig`, planning-only mode) and under the conformance checks,
 where the receiver is the adapter's. Ground truth never comes from the receiver: it is
-:class:`~mx_sim.fixtures.VersionWeights`, whose tensors all differ between versions.
+:class:`~mx_sim.fixtures.VersionWeights` (whose tensors all differ between versions) for the
+HF-split trainer, or a Megatron-Core trainer's own logits
+(:class:`~mx_sim.refit.megatron_trainer.MegatronLogits`).
 """
 
 from __future__ import annotations

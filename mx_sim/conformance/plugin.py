@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 
 SUITE = Path(__file__).with_name("suite.py")
+RESULT_KEY = "mx_check_result"
+_RESULTS: dict[str, tuple[str, str, float]] = {}  # check id -> outcome, in this process
 
 
 def pytest_addoption(parser):
@@ -45,7 +47,8 @@ def pytest_configure(config):
         load_factory(spec)
     except ValueError as exc:
         raise pytest.UsageError(str(exc)) from exc
-    config._mx_results = {}
+    _RESULTS.clear()
+    config._mx_results = _RESULTS
     if config.args_source == pytest.Config.ArgsSource.ARGS:
         config.args.append(str(SUITE))
     else:
@@ -75,10 +78,11 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item, call):
+    """Each check's outcome rides on its report (``user_properties``), so it reaches the
+    process that writes the report: under xdist the controller, not the worker that ran it."""
     report = yield
     marker = item.get_closest_marker("mx_check")
-    results = getattr(item.config, "_mx_results", None)
-    if marker is None or results is None:
+    if marker is None or getattr(item.config, "_mx_results", None) is None:
         return report
     if report.when == "call" or (report.when == "setup" and not report.passed):
         if hasattr(report, "wasxfail"):
@@ -92,8 +96,16 @@ def pytest_runtest_makereport(item, call):
             reason = report.longrepr[2]
         elif report.failed and call.excinfo is not None:
             reason = f"{call.excinfo.typename}: {call.excinfo.value}"
-        results[marker.args[0]] = (status, reason, report.duration)
+        report.user_properties.append((RESULT_KEY, [marker.args[0], status, reason]))
     return report
+
+
+def pytest_runtest_logreport(report):
+    """Runs where reports are gathered (the controller under xdist): keep each check's outcome."""
+    for key, value in report.user_properties:
+        if key == RESULT_KEY:
+            check_id, status, reason = value
+            _RESULTS[check_id] = (status, reason, report.duration)
 
 
 def _report(config):

@@ -79,7 +79,8 @@ class ConformanceReport:
 
     @property
     def ok(self) -> bool:
-        return not any(r.status in FAILING for r in self.results)
+        """At least one check ran and none failed."""
+        return bool(self.results) and not any(r.status in FAILING for r in self.results)
 
     def failed_ids(self) -> list[str]:
         return [r.id for r in self.results if r.status in FAILING]

@@ -128,3 +128,26 @@ def test_cli_exit_status_reference_zero_mutant_one(capsys, tmp_path):
     assert "FAILED   ipc.abort_request_ids" in out and "1 of 7 checks failed" in out
     assert main(["conformance", "--adapter", "no_colon"]) == 2
     assert "must look like pkg.module:factory" in capsys.readouterr().err
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(240)
+def test_the_json_report_is_whole_under_xdist(tmp_path):
+    """``-n 2``: the checks run in workers, the report is written once, by the controller, with
+    every check's outcome (it used to say ``"ok": true`` with no checks while one failed)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    report = tmp_path / "r.json"
+    tests_dir = str(Path(__file__).parents[2])
+    cmd = [sys.executable, "-m", "pytest", "-n", "2", "-p", "no:cacheprovider", "-q",
+           f"--mx-adapter={ABORT_MUTANT}", f"--mx-report={report}", "-k", "abort_request_ids or codec_round_trip or malformed_frames"]  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=tests_dir)
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=200)
+    assert done.returncode == 1, done.stdout[-2000:]
+    data = json.loads(report.read_text())
+    statuses = {c["id"]: c["status"] for c in data["checks"]}
+    assert data["ok"] is False and len(statuses) >= 2, statuses
+    assert "failed" in statuses.values() and "passed" in statuses.values()

@@ -92,6 +92,15 @@ def build_parser() -> argparse.ArgumentParser:
                 f"--{side}-{dim}", type=_positive, default=None, help=f"{side} {dim.upper()} size"
             )
     run.add_argument("--replicas", type=_positive, default=None, help="receiver replicas")
+    for flag, default in (
+        ("num-heads", 4),
+        ("num-kv-heads", 2),
+        ("vocab-size", 128),
+        ("num-layers", 2),
+    ):
+        run.add_argument(
+            f"--{flag}", type=_positive, default=None, help=f"tiny model {flag} (default {default})"
+        )
     run.add_argument("--cycles", type=_positive, default=3, help="refit cycles per scenario")
     run.add_argument(
         "--trainer",

@@ -15,6 +15,7 @@ from mx_sim.report import (
     BenchResult,
     ScenarioResult,
     bench_table,
+    check_writable,
     scenario_table,
     write_performance_page,
     write_run_report,
@@ -60,6 +61,7 @@ def run_main(args: argparse.Namespace) -> int:
     options = refit_options(args)
     if "refit" in args.scenarios:
         refit.validate_options(options)
+    check_writable(args.out / "report.json", "--out")  # found now, not after the whole run
 
     def run_one(name: str) -> list[ScenarioResult]:
         if name == "refit":

@@ -13,6 +13,19 @@ from typing import Any
 
 from mx_sim.plots import bars, stacked_bars
 
+
+def check_writable(path: Path, what: str) -> None:
+    """``ValueError`` naming ``what`` unless ``path`` can be written (its folder is made)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(
+            f"{what} {str(path)!r}: cannot create its folder ({exc.strerror})"
+        ) from exc
+    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise ValueError(f"{what} {str(path)!r}: not writable")
+
+
 REFIT_PHASES = ("alloc", "register", "pull", "translate", "verify", "apply")
 """The refit cycle phases reports show, in cycle order (each with its seconds)."""
 

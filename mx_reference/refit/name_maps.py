@@ -44,6 +44,8 @@ class RefitModelConfig:
     tie_word_embeddings: bool = False
     num_experts: int = 0
     qkv_bias: bool = False
+    proj_bias: bool = False  # o_proj bias (Llama / Qwen3 attention_bias)
+    mlp_bias: bool = False  # gate, up and down biases (Llama mlp_bias)
     qk_norm: bool = False
     vocab_divisible_by: int = 128
     family: str = "llama"
@@ -75,6 +77,14 @@ class RefitModelConfig:
                 f"model_type {model_type!r}: no Megatron name map "
                 f"(supported: {', '.join(LLAMA_STYLE)}, gpt2)"
             )
+        # refused here, before any rank starts, not after a whole pull
+        dense_layers = getattr(config, "mlp_only_layers", None) or []
+        if dense_layers or getattr(config, "decoder_sparse_step", 1) not in (1, None):
+            raise ValueError(
+                f"model_type {model_type!r}: field 'mlp_only_layers'/'decoder_sparse_step': "
+                "mixed dense and MoE layers are not mapped yet"
+            )
+        attention_bias = bool(getattr(config, "attention_bias", False))
         return cls(
             num_layers=config.num_hidden_layers,
             hidden_size=config.hidden_size,
@@ -89,7 +99,9 @@ class RefitModelConfig:
             num_experts=getattr(config, "num_local_experts", None)
             or getattr(config, "num_experts", None)
             or 0,
-            qkv_bias=model_type == "qwen2" or bool(getattr(config, "attention_bias", False)),
+            qkv_bias=model_type == "qwen2" or attention_bias,
+            proj_bias=attention_bias,
+            mlp_bias=bool(getattr(config, "mlp_bias", False)),
             qk_norm=model_type.startswith("qwen3"),
         )
 
@@ -134,6 +146,8 @@ class LayerEntry(NamedTuple):
 _WHEN = {
     "always": lambda cfg, layout: True,
     "qkv_bias": lambda cfg, layout: cfg.qkv_bias,
+    "proj_bias": lambda cfg, layout: cfg.proj_bias,
+    "mlp_bias": lambda cfg, layout: cfg.mlp_bias and not cfg.num_experts,
     "qk_norm": lambda cfg, layout: cfg.qk_norm,
     "dense": lambda cfg, layout: not cfg.num_experts,
     "moe": lambda cfg, layout: bool(cfg.num_experts),
@@ -150,9 +164,13 @@ _LLAMA_LAYER = (
     _E("self_attention.q_layernorm.weight", "replicated", ("self_attn.q_norm.weight",), when="qk_norm"),
     _E("self_attention.k_layernorm.weight", "replicated", ("self_attn.k_norm.weight",), when="qk_norm"),
     _E("self_attention.linear_proj.weight", "row", ("self_attn.o_proj.weight",), axis=1),
+    # row-parallel biases are added after the reduction: Megatron replicates them
+    _E("self_attention.linear_proj.bias", "replicated", ("self_attn.o_proj.bias",), when="proj_bias"),
     _E("mlp.linear_fc1.layer_norm_weight", "replicated", ("post_attention_layernorm.weight",), when="dense"),
     _E("mlp.linear_fc1.weight", "gated_mlp_column", ("mlp.gate_proj.weight", "mlp.up_proj.weight"), when="dense"),
     _E("mlp.linear_fc2.weight", "row", ("mlp.down_proj.weight",), axis=1, when="dense"),
+    _E("mlp.linear_fc1.bias", "gated_mlp_column", ("mlp.gate_proj.bias", "mlp.up_proj.bias"), when="mlp_bias"),
+    _E("mlp.linear_fc2.bias", "replicated", ("mlp.down_proj.bias",), when="mlp_bias"),
     _E("pre_mlp_layernorm.weight", "replicated", ("post_attention_layernorm.weight",), when="moe"),
     _E("mlp.router.weight", "replicated", ("mlp.gate.weight",), when="moe"),
     _E("mlp.experts.linear_fc1.weight", "expert_column", ("mlp.experts.gate_up_proj",), axis=1, when="grouped"),

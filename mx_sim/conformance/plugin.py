@@ -41,10 +41,15 @@ def pytest_configure(config):
     spec = adapter_spec(config)
     if spec is None:
         return
-    from mx_sim.conformance.run_checks import load_factory
+    from mx_sim.conformance.run_checks import check_factory, load_factory, load_xfails
+    from mx_sim.report import check_writable
 
-    try:  # one clear usage error, not the same error once per check
-        load_factory(spec)
+    try:  # one clear usage error before any check, not the same error once per check
+        check_factory(spec, load_factory(spec))
+        if config.getoption("--mx-report"):
+            check_writable(Path(config.getoption("--mx-report")), "--mx-report")
+        if config.getoption("--mx-xfails"):
+            load_xfails(Path(config.getoption("--mx-xfails")))
     except ValueError as exc:
         raise pytest.UsageError(str(exc)) from exc
     _RESULTS.clear()

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from mx_sim.conformance.catalog import FEATURES, Check, all_checks
+from mx_sim.report import check_writable
 
 STATUSES = ("passed", "failed", "skipped", "xfailed", "xpassed")
 FAILING = ("failed", "xpassed")
@@ -32,10 +33,38 @@ def load_factory(spec: str) -> Callable[[], object]:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise ValueError(f"adapter spec {spec!r}: cannot import {module_name!r} ({exc})") from exc
+    except Exception as exc:  # the adapter's own module failed: a usage error, not a check
+        raise ValueError(
+            f"adapter spec {spec!r}: importing {module_name!r} raised {type(exc).__name__}: {exc}"
+        ) from exc
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise ValueError(f"adapter spec {spec!r}: {module_name} has no callable {attr!r}")
     return factory
+
+
+def check_factory(spec: str, factory: Callable[[], object]) -> None:
+    """Call ``factory`` once: ``ValueError`` unless it returns an adapter (it has
+    ``capabilities``), so a broken factory is one usage error, not a failure per check."""
+    try:
+        adapter = factory()
+    except Exception as exc:
+        raise ValueError(
+            f"adapter spec {spec!r}: the factory raised {type(exc).__name__}: {exc}"
+        ) from exc
+    if not hasattr(adapter, "capabilities"):
+        raise ValueError(
+            f"adapter spec {spec!r}: the factory returned {type(adapter).__name__}, "
+            "not an engine adapter (no 'capabilities')"
+        )
+
+
+def load_xfails(path: Path) -> dict[str, str]:
+    """:func:`read_xfails`, with a missing or unreadable file a ``ValueError`` naming it."""
+    try:
+        return read_xfails(path)
+    except OSError as exc:
+        raise ValueError(f"expected-failures file {str(path)!r}: {exc.strerror}") from exc
 
 
 def read_xfails(path: Path) -> dict[str, str]:
@@ -175,19 +204,17 @@ def run_checks(
 def run_conformance(
     spec: str, *, report: Path | None = None, xfail: Path | None = None, keyword: str | None = None
 ) -> int:
-    """``mx-sim conformance``: print each check, the per-feature table, write the JSON report."""
+    """``mx-sim conformance``: print each check, the per-feature table, write the JSON report.
+    Everything that is not a check (the adapter, the files) is checked before the first one."""
     factory = load_factory(spec)
-    result = run_checks(
-        factory,
-        name=spec,
-        keyword=keyword,
-        xfails=read_xfails(xfail) if xfail else None,
-        log=print,
-    )
+    check_factory(spec, factory)
+    if report:
+        check_writable(report, "report")
+    xfails = load_xfails(xfail) if xfail else None
+    result = run_checks(factory, name=spec, keyword=keyword, xfails=xfails, log=print)
     print()
     print(result.table())
     if report:
-        report.parent.mkdir(parents=True, exist_ok=True)
         report.write_text(json.dumps(result.to_json(), indent=2))
         print(f"JSON report: {report}")
     failed = result.failed_ids()

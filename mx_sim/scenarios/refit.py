@@ -30,7 +30,9 @@ from mx_sim.refit.planning import plan_topology
 from mx_sim.report import REFIT_PHASES, ScenarioResult
 
 PHASES = (*REFIT_PHASES, "total")
-CUSTOM_KEYS = ("model", *(f.name for f in fields(TopologySpec)))
+# the tiny model's sizes the CLI may set (TinyModelSpec fields)
+SIZE_KEYS = ("num_heads", "num_kv_heads", "vocab_size", "num_layers")
+CUSTOM_KEYS = ("model", *(f.name for f in fields(TopologySpec)), *SIZE_KEYS)
 OPTION_KEYS = ("transport", "cycles", "fault", "trainer", *CUSTOM_KEYS)
 
 
@@ -73,7 +75,8 @@ def _custom(options: dict) -> MatrixRow | None:
     if not custom:
         return None
     kind = custom.pop("model", "llama")
-    return MatrixRow(TopologySpec(**custom), kind)
+    sizes = {k: custom.pop(k) for k in SIZE_KEYS if k in custom}
+    return MatrixRow(TopologySpec(**custom), kind, TinyModelSpec(**sizes) if sizes else None)
 
 
 def _fault(options: dict, row: MatrixRow | None) -> tuple[Fault, MatrixRow]:
@@ -100,7 +103,7 @@ def validate_options(options: dict) -> None:
     if "trainer" in options:
         check_trainer(options["trainer"], row.spec, row.kind, row.model_spec or TinyModelSpec())
     try:
-        plan_topology(row.spec, row.kind)
+        plan_topology(row.spec, row.kind, row.model_spec)
     except IncompleteRefitPlan as exc:
         first = str(exc).removeprefix("refit plan incomplete: ").split("; ")[0]
         raise ValueError(f"topology {row.spec.label()} cannot refit {row.kind}: {first}") from exc
@@ -117,7 +120,7 @@ def run(out_dir: Path, quick: bool, options: dict | None = None) -> list[Scenari
         fault, row = _fault(options, custom)
         trainer = options.get("trainer", "hf-split")
         result = run_topology(
-            row.spec, row.kind, cycles, transport, fault, out_dir,
+            row.spec, row.kind, cycles, transport, fault, out_dir, model_spec=row.model_spec,
             trainer=trainer, timeout_s=3.0, deadline_s=60,
         )  # fmt: skip
         return [to_scenario(f"refit {row.spec.label()} fault {fault.kind}", result, cycles)]

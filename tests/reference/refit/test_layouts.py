@@ -211,3 +211,35 @@ def test_trainer_tp_must_divide_kv_heads():
     cfg = RefitModelConfig(1, 8, 4, 2, 2, 6, 50)
     with pytest.raises(ValueError, match="num_kv_heads=2"):
         megatron_shards_from_hf(synthetic_hf(cfg), cfg, tp_size=4, tp_rank=0)
+
+
+@pytest.mark.parametrize(("src_tp", "dst_tp"), [(1, 1), (2, 1), (1, 2), (2, 4)])
+def test_llama_with_attention_and_mlp_biases_round_trips(src_tp, dst_tp):
+    # HF Llama's attention_bias adds q/k/v *and* o_proj biases, mlp_bias gate/up/down ones;
+    # they used to be accepted by from_hf and refused only at verify, after the whole pull
+    import transformers
+
+    config = transformers.LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, attention_bias=True, mlp_bias=True,
+    )  # fmt: skip
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = transformers.LlamaForCausalLM(config)
+    cfg = RefitModelConfig.from_hf(config)
+    assert (cfg.qkv_bias, cfg.proj_bias, cfg.mlp_bias) == (True, True, True)
+    hf = {n: p.detach() for n, p in model.named_parameters()}
+    out, _ = roundtrip(hf, cfg, src_tp=src_tp, dst_tp=dst_tp)
+    assert set(out) == set(hf)
+    assert all(torch.equal(out[n], hf[n]) for n in hf)
+
+
+def test_mixed_dense_and_moe_layers_are_refused_in_from_hf():
+    import transformers
+
+    for config in (
+        transformers.Qwen3MoeConfig(mlp_only_layers=[0]),
+        transformers.Qwen3MoeConfig(decoder_sparse_step=2),
+    ):
+        with pytest.raises(ValueError, match="mixed dense and MoE layers are not mapped yet"):
+            RefitModelConfig.from_hf(config)

@@ -8,6 +8,7 @@ to checks that build no HF model: an in-process run drops the modules it importe
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 
@@ -151,3 +152,43 @@ def test_the_json_report_is_whole_under_xdist(tmp_path):
     statuses = {c["id"]: c["status"] for c in data["checks"]}
     assert data["ok"] is False and len(statuses) >= 2, statuses
     assert "failed" in statuses.values() and "passed" in statuses.values()
+
+
+@pytest.mark.parametrize(
+    ("setup", "message"),
+    [
+        ("raises_on_import", "importing 'broken_adapter' raised RuntimeError: no GPU driver"),
+        ("returns_none", "the factory returned NoneType, not an engine adapter"),
+        ("report_under_a_file", "report "),
+        ("missing_xfails", "expected-failures file"),
+    ],
+)
+def test_every_non_check_failure_is_one_line_exit_2_before_any_check(
+    setup, message, tmp_path, monkeypatch, capsys
+):
+    (tmp_path / "broken_adapter.py").write_text(
+        "raise RuntimeError('no GPU driver')\n" if setup == "raises_on_import" else
+        "def factory():\n    return None\n"
+    )  # fmt: skip
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "broken_adapter", raising=False)
+    spec = "broken_adapter:factory"
+    argv = ["conformance", "--adapter", spec]
+    if setup in ("report_under_a_file", "missing_xfails"):
+        argv[2] = "mx_sim.conformance.adapters:reference_adapter"
+        (tmp_path / "a_file").write_text("")
+    if setup == "report_under_a_file":
+        argv += ["--report", str(tmp_path / "a_file" / "r.json")]
+    if setup == "missing_xfails":
+        argv += ["--xfail", str(tmp_path / "no_such_file.txt")]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert message in captured.err and captured.err.count("\n") == 1, captured.err
+    assert "Traceback" not in captured.err and captured.out == ""  # no check ran
+
+
+def test_an_unwritable_run_out_is_found_before_anything_runs(tmp_path, capsys):
+    (tmp_path / "a_file").write_text("")
+    rc = main(["run", "--scenarios", "discovery", "--out", str(tmp_path / "a_file" / "out")])
+    captured = capsys.readouterr()
+    assert rc == 2 and "--out" in captured.err and captured.out == "", captured

@@ -208,3 +208,15 @@ def test_without_megatron_the_run_says_it_falls_back_in_one_line(tmp_path, monke
         refit.run(tmp_path, quick=True)
     lines = [line for line in capsys.readouterr().out.splitlines() if "megatron" in line]
     assert lines == ["[mx-sim] megatron-core is not installed: refit rows use the HF-split trainer"]
+
+
+@pytest.mark.timeout(120)
+def test_cli_model_sizes_let_an_eight_rank_llama_trainer_run(tmp_path):
+    # 4 heads in 2 groups cannot be split 4 ways; 8 heads in 4 groups can
+    out = tmp_path / "out"
+    argv = ["run", "--scenarios", "refit", "--out", str(out), "--cycles", "2"]
+    argv += ["--trainer-tp", "4", "--trainer-pp", "2", "--inference-tp", "2"]
+    argv += ["--num-heads", "8", "--num-kv-heads", "4", "--vocab-size", "200", "--num-layers", "2"]
+    assert cli.main(argv) == 0
+    (row,) = json.loads((out / "report.json").read_text())["scenarios"]
+    assert row["name"] == "refit PP2xTP4->TP2 llama" and row["passed"], row

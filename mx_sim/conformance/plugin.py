@@ -114,13 +114,14 @@ def pytest_runtest_logreport(report):
 
 
 def _report(config):
-    from mx_sim.conformance.catalog import CHECKS
+    from mx_sim.conformance.catalog import all_checks
     from mx_sim.conformance.run_checks import CheckResult, ConformanceReport
 
+    checks = {c.id: c for c in all_checks()}  # an xdist controller never imported the suite
     report = ConformanceReport(adapter_spec(config) or "", [])
     for check_id, (status, reason, seconds) in sorted(config._mx_results.items()):
         report.results.append(
-            CheckResult(check_id, CHECKS[check_id].feature, status, reason, seconds)
+            CheckResult(check_id, checks[check_id].feature, status, reason, seconds)
         )
     return report
 

@@ -19,10 +19,12 @@ from collections.abc import Mapping
 
 import torch
 
-from mx_reference.refit.layouts import Regrouped, StagedTensors
+from mx_reference.refit.layouts import Pieced, Regrouped, StagedTensors
 
 
-def _entries(staged: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor | Regrouped]:
+def _entries(
+    staged: Mapping[str, torch.Tensor],
+) -> Mapping[str, torch.Tensor | Regrouped | Pieced]:
     return staged.entries if isinstance(staged, StagedTensors) else staged
 
 
@@ -80,7 +82,7 @@ def apply_in_place(
     check_staged(params, staged)
     with torch.no_grad():
         for name, new in _entries(staged).items():
-            if isinstance(new, Regrouped):
+            if isinstance(new, (Regrouped, Pieced)):
                 new.copy_into(params[name].data)
             else:
                 params[name].data.copy_(new)

@@ -76,17 +76,46 @@ class Regrouped:
             dst.copy_(self.materialize())
 
 
+@dataclass(frozen=True)
+class Pieced:
+    """A local shard of ``shape`` not yet made, filled run by run: each ``(expert, dim, start,
+    source)`` copies ``source`` into ``dest[expert].narrow(dim, start, len)`` (``dest`` itself
+    when ``expert`` is ``None``). A tensor-parallel rank's q, for one, is a run of each query
+    group's rows of the pulled QKV; gate_up is a run of gate rows and one of up rows."""
+
+    shape: torch.Size
+    runs: tuple[tuple[int | None, int, int, torch.Tensor], ...]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.runs[0][3].dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.runs[0][3].device
+
+    def materialize(self) -> torch.Tensor:
+        out = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+        self.copy_into(out)
+        return out
+
+    def copy_into(self, dst: torch.Tensor) -> None:
+        for expert, dim, start, source in self.runs:
+            block = dst if expert is None else dst[expert]
+            block.narrow(dim, start, source.shape[dim]).copy_(source)
+
+
 class StagedTensors(Mapping[str, torch.Tensor]):
     """A staged version's HF tensors by parameter name. ``entries`` may hold
     :class:`Regrouped` tensors: :func:`apply_in_place` copies them straight into their
     parameters, while reading one through the mapping materializes it."""
 
-    def __init__(self, entries: Mapping[str, torch.Tensor | Regrouped]):
+    def __init__(self, entries: Mapping[str, torch.Tensor | Regrouped | Pieced]):
         self.entries = dict(entries)
 
     def __getitem__(self, name: str) -> torch.Tensor:
         entry = self.entries[name]
-        return entry.materialize() if isinstance(entry, Regrouped) else entry
+        return entry.materialize() if isinstance(entry, (Regrouped, Pieced)) else entry
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.entries)
@@ -378,15 +407,20 @@ def _spec(
     )
 
 
-def canonical_shapes(
-    model: torch.nn.Module, cfg: RefitModelConfig, expert_layout: str = "per_expert"
-) -> dict[str, tuple[int, ...]]:
-    """The global shape of every canonical Megatron tensor of ``model``'s HF parameters,
-    computed on meta tensors (nothing allocated): what a receiver lets a manifest declare."""
-    meta = {
+def hf_meta(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``model``'s HF parameters (tied names included) as meta tensors of their global shape
+    and dtype (a DTensor's shape is the global one)."""
+    return {
         n: torch.empty(p.shape, dtype=p.dtype, device="meta")
         for n, p in model.named_parameters(remove_duplicate=False)
     }
+
+
+def canonical_shapes(
+    meta: Mapping[str, torch.Tensor], cfg: RefitModelConfig, expert_layout: str = "per_expert"
+) -> dict[str, tuple[int, ...]]:
+    """The global shape of every canonical Megatron tensor of the HF parameters ``meta``
+    (:func:`hf_meta`), nothing allocated: what a receiver lets a manifest declare."""
     out = {}
     for rule in tensor_rules(cfg, expert_layout):
         full = canonical_from_hf(rule, meta, cfg)

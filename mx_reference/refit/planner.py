@@ -54,6 +54,13 @@ class TargetLayout:
     def slot(self) -> int:
         return self.ep_rank * self.tp_size + self.tp_rank
 
+    def segments(self, spec: ShardDescriptor) -> list[tuple[int, int]]:
+        """Global rows of ``spec`` along its shard axis this receiver holds, in local order:
+        Megatron's TP slice of this position."""
+        return rank_segments(
+            spec, self.tp_size, self.tp_rank, vocab_divisible_by=self.vocab_divisible_by
+        )
+
 
 class Piece(NamedTuple):
     """Rows ``src_rows`` of source ``src_rank``'s shard -> rows ``dst_rows`` of the destination,
@@ -289,9 +296,7 @@ def _plan_tensor(name, entries, target: TargetLayout) -> tuple[TensorPlan | None
     if any(d.placement == "partial" for _, d in entries):
         return None, ["field 'placement': 'partial' needs a reduction; refit moves whole values"]
     try:
-        want = rank_segments(
-            spec, target.tp_size, target.tp_rank, vocab_divisible_by=target.vocab_divisible_by
-        )
+        want = target.segments(spec)
         e_want = (
             expert_range(spec.num_experts, target.ep_size, target.ep_rank) if spec.grouped else None
         )

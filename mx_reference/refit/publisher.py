@@ -33,6 +33,7 @@ from mx_reference.refit.wire import (
     encode_endpoint,
     layout_signature,
     make_manifest,
+    shard_checksum,
     shard_digest,
 )
 from mx_reference.transport.base import Registration, Transport
@@ -120,7 +121,11 @@ class RefitPublisher:
                 offset = arena.offsets[d.name]
                 dest = arena.buffer[offset : offset + d.nbytes]
                 dest.copy_(t.detach().contiguous().reshape(-1).view(torch.uint8))
-                finished.append(msgspec.structs.replace(d, offset=offset, digest=shard_digest(t)))
+                finished.append(
+                    msgspec.structs.replace(
+                        d, offset=offset, digest=shard_digest(t), checksum=shard_checksum(d, t)
+                    )
+                )
             endpoint = Endpoint(
                 transport_metadata=self.transport.metadata(),
                 base_addr=arena.registration.regions[0].addr,

@@ -57,6 +57,7 @@ from mx_reference.refit.layouts import (
     canonical_from_shards,
     canonical_shapes,
     hf_from_canonical,
+    hf_meta,
     megatron_name_map,
     shard_pieces,
 )
@@ -67,6 +68,7 @@ from mx_reference.refit.wire import (
     SourceManifest,
     aligned,
     decode_endpoint,
+    dtype_name,
     name_digest,
     shard_digest,
 )
@@ -230,20 +232,21 @@ class RefitReceiver:
         directory: ReplicaDirectory | None = None,
         owns: Callable[[str], bool] | None = None,
         post_load: Callable[[torch.nn.Module], None] | None = None,
+        meta: Mapping[str, torch.Tensor] | None = None,
     ):
         self.model, self.transport, self.registry = model, transport, registry
         self.config, self.target, self.model_config = config, target, model_config
         self.backend = resolve_backend(backend)
         self.group, self.directory, self.post_load = group, directory, post_load
         self.owns = owns or (lambda name: True)
-        self.params = model_parameters(model)
-        self._aliases = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+        self.params: Mapping[str, torch.Tensor] = model_parameters(model)
+        meta = hf_meta(model) if meta is None else meta
+        self._aliases = set(meta)
         names = megatron_name_map(model_config, config.expert_layout)
-        dtype = {n: str(p.dtype).removeprefix("torch.") for n, p in self.params.items()}
         # every Megatron tensor takes the dtype of the HF parameters it is made of
-        expected = {m: dtype[hf[0]] for m, hf in names.items() if hf[0] in dtype}
+        expected = {m: dtype_name(meta[hf[0]].dtype) for m, hf in names.items() if hf[0] in meta}
         self.plans = PlanCache(expected=expected)
-        self.global_shapes = canonical_shapes(model, model_config, config.expert_layout)
+        self.global_shapes = canonical_shapes(meta, model_config, config.expert_layout)
         self.buffers = BufferCache(transport, self.backend)
         self.applied_version = 0
         self.history: list[CycleTiming] = []
@@ -346,7 +349,7 @@ class RefitReceiver:
         read their whole source shard into scratch once. Returns the bytes pulled."""
         pairs: dict[int, list[tuple[MemDesc, RemoteDesc]]] = {}
         whole: set[tuple[int, str]] = set()
-        sources = {m.rank: _Source(m, self._agent(m)) for m in manifests}
+        sources = {m.rank: Source(m, self._agent(m)) for m in manifests}
         for name, t in plan.tensors.items():
             if not self.owns(name):
                 continue
@@ -367,6 +370,10 @@ class RefitReceiver:
                     nbytes = src.shards[name].nbytes
                     local = MemDesc(buffers.scratch.views[(p.src_rank, name)].data_ptr(), nbytes)
                     pairs.setdefault(p.src_rank, []).append((local, src.remote(name, 0, nbytes)))
+        return self._read(pairs)
+
+    def _read(self, pairs: Mapping[int, list[tuple[MemDesc, RemoteDesc]]]) -> int:
+        """Post one coalesced READ per source rank, wait for all; returns the bytes read."""
         handles = []
         try:
             for rank in sorted(pairs):
@@ -532,7 +539,7 @@ class RefitReceiver:
         return self._remotes[endpoint.source_id][1]
 
 
-class _Source:
+class Source:
     """One source rank of a cycle: its shards by name and where its arena lies."""
 
     def __init__(self, manifest: SourceManifest, agent: str):

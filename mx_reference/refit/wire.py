@@ -33,7 +33,7 @@ import blake3
 import msgspec
 import torch
 
-SCHEMA_VERSION = 2  # 2: shard digests are BLAKE3 (were SHA-256)
+SCHEMA_VERSION = 3  # 2: shard digests are BLAKE3 (were SHA-256); 3: position checksums
 
 STYLES = (
     "column",
@@ -104,6 +104,7 @@ class ShardDescriptor(msgspec.Struct, frozen=True, kw_only=True):
     nbytes: int = 0
     offset: int = 0  # inside the publisher's registered region
     digest: str = ""  # optional content digest of the shard bytes (shard_digest)
+    checksum: int | None = None  # optional position checksum of the shard (shard_checksum)
 
     def __post_init__(self) -> None:
         self._validate()
@@ -381,3 +382,49 @@ def shard_digest(*pieces: torch.Tensor, axis: int = 0) -> str:
     for piece in pieces:
         h.update(piece.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().data)
     return h.hexdigest()
+
+
+CHECKSUM_PRIME = 2**31 - 1
+_CHECKSUM_MULTIPLIER = 1_103_515_245  # < 2**31: every product below stays inside int64
+
+
+def box_checksum(
+    block: torch.Tensor, global_shape: tuple[int, ...], starts: tuple[int, ...]
+) -> int:
+    """Position checksum of ``block``, the box of a global tensor of ``global_shape`` that
+    starts at ``starts``: the sum over its elements of ``(bits + 1) * w(flat global index)``
+    modulo the prime :data:`CHECKSUM_PRIME`.
+
+    Unlike a digest it composes: the checksums of disjoint boxes add up to the checksum of
+    their union, whoever holds them. So a receiver replica whose ranks each hold other rows
+    than the publishers' shards can still prove, with one all-reduce, that together they hold
+    exactly what was published. A changed element changes the sum unless its bits move by a
+    multiple of the prime; it detects corruption and stale bytes, not forgery."""
+    p = CHECKSUM_PRIME
+    index = torch.zeros((), dtype=torch.int64)
+    stride = 1
+    for d in reversed(range(block.dim())):
+        coords = torch.arange(starts[d], starts[d] + block.shape[d], dtype=torch.int64)
+        index = index + (coords * stride).view([-1] + [1] * (block.dim() - 1 - d))
+        stride *= global_shape[d]
+    weight = (index.remainder(p) * _CHECKSUM_MULTIPLIER).remainder(p) + 1  # [1, p]
+    size = block.element_size()
+    ints = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[size]
+    bits = block.detach().contiguous().cpu().view(ints).to(torch.int64)
+    bits = bits.remainder(p) if size == 8 else bits & ((1 << (8 * size)) - 1)
+    return int(((bits + 1) * weight).remainder(p).sum().item()) % p
+
+
+def shard_checksum(d: ShardDescriptor, shard: torch.Tensor) -> int:
+    """:func:`box_checksum` of a shard at its global position (``d.segments()`` along
+    ``d.shard_axis``, ``d.expert_ids`` on axis 0 of a grouped tensor)."""
+    total, at = 0, 0
+    for lo, hi in d.segments():
+        starts = [0] * len(d.global_shape)
+        starts[d.shard_axis] = lo
+        if d.grouped:
+            starts[0] = d.expert_ids[0]
+        piece = shard.narrow(d.shard_axis, at, hi - lo)
+        total += box_checksum(piece, d.global_shape, tuple(starts))
+        at += hi - lo
+    return total % CHECKSUM_PRIME

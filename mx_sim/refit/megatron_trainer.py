@@ -193,43 +193,47 @@ class MegatronTrainer:
         )
         self.layer_offset = self.model.decoder.layers[0].layer_number - 1
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=LEARNING_RATE)
-        self.prompt = fixed_prompt(spec.vocab_size)  # (1, S)
-        self.labels = fixed_prompt(spec.vocab_size, length=9)[:, 1:]  # next tokens, (1, S)
+        self.prompt = fixed_prompt(spec.vocab_size)  # (1, S): the oracle's logits
+        # the training batch holds every token, so every embedding row (on every vocab shard
+        # of a sharded receiver) changes at each step
+        length = -(-spec.vocab_size // 8) * 8
+        tokens = fixed_prompt(spec.vocab_size, length=length).view(-1, 8)  # (B, 8)
+        self.batch, self.labels = tokens, (tokens + 1) % spec.vocab_size
         self.steps = 0
 
-    def _inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        s = self.prompt.shape[1]
+    @staticmethod
+    def _inputs(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        s = ids.shape[1]
         positions = torch.arange(s).unsqueeze(0)  # (1, S)
         mask = torch.triu(torch.ones(s, s, dtype=torch.bool), 1)[None, None]  # True = masked
-        return self.prompt, positions, mask
+        return ids, positions, mask
 
-    def _stage(self, grad: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """Run this stage on the fixed batch: (input activation received, stage output: the
+    def _stage(self, ids: torch.Tensor, grad: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Run this stage on ``ids`` (B, S): (input activation received, stage output: the
         hidden states [S, B, H], or on the last stage the logits [B, S, padded V])."""
         from megatron.core import parallel_state
 
         received = None
         if not self.first:
-            s, h = self.prompt.shape[1], self.model_spec.spec.hidden_size
-            received = torch.empty(s, 1, h)  # [S, B, H]
+            (b, s), h = ids.shape, self.model_spec.spec.hidden_size
+            received = torch.empty(s, b, h)  # [S, B, H]
             dist.recv(received, parallel_state.get_pipeline_model_parallel_prev_rank())
             received.requires_grad_(grad)
             self.model.set_input_tensor(received)
-        ids, positions, mask = self._inputs()
-        out = self.model(ids, positions, mask)
+        out = self.model(*self._inputs(ids))
         if not self.last:
             dist.send(out.detach(), parallel_state.get_pipeline_model_parallel_next_rank())
         return received, out
 
     def step(self) -> None:
-        """One SGD step on the fixed batch (a new weight version)."""
+        """One SGD step on the training batch (a new weight version)."""
         from megatron.core import parallel_state
 
         self.optimizer.zero_grad()
-        received, out = self._stage(grad=True)
+        received, out = self._stage(self.batch, grad=True)
         if self.last:
             vocab = self.model_spec.spec.vocab_size
-            F.cross_entropy(out[0, :, :vocab], self.labels[0]).backward()
+            F.cross_entropy(out[..., :vocab].flatten(0, 1), self.labels.flatten()).backward()
         else:
             grad = torch.empty_like(out)
             dist.recv(grad, parallel_state.get_pipeline_model_parallel_next_rank())
@@ -262,7 +266,7 @@ class MegatronTrainer:
     @torch.no_grad()
     def logits(self) -> torch.Tensor | None:
         """Megatron's own logits on the fixed prompt (last stage; real vocab columns), (1, S, V)."""
-        _, out = self._stage(grad=False)
+        _, out = self._stage(self.prompt, grad=False)
         return out[..., : self.model_spec.spec.vocab_size].clone() if self.last else None
 
     def shards(self, version: int) -> list:

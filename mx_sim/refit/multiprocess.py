@@ -16,6 +16,7 @@ Programmatic entry: :func:`run_topology`; the same :func:`rank_main` runs under 
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -24,17 +25,25 @@ from typing import Any
 
 import torch.distributed as dist
 
-from mx_reference.refit.apply import model_digest
+from mx_reference.refit.apply import state_digest
 from mx_reference.refit.gather import vote
 from mx_reference.refit.planner import TargetLayout
 from mx_reference.refit.receiver import RefitError
 from mx_reference.refit.registry import VersionRegistry
 from mx_reference.refit.replicas import ReplicaDirectory, ReplicaSource
+from mx_reference.refit.shards import ShardedRefitReceiver
 from mx_sim.cluster.launch import RankOutcome, gloo_group, host_store, launch
 from mx_sim.cluster.topology import RankInfo, TopologySpec
 from mx_sim.cpu_mock import CpuMockBackend
 from mx_sim.fixtures import TinyModelSpec, VersionWeights, pp_stage, version_model
 from mx_sim.refit.faults import STORE_GONE_KEY, Fault, FaultContext
+from mx_sim.refit.hf_tp_engine import (
+    engine_layout,
+    expected_shards,
+    init_replica_group,
+    load_tp_model,
+    save_checkpoint,
+)
 from mx_sim.refit.megatron_trainer import FAMILIES as MEGATRON_FAMILIES
 from mx_sim.refit.megatron_trainer import (
     MegatronLogits,
@@ -60,6 +69,8 @@ class RunConfig:
     timeout_s: float = 20.0
     fanout: bool = False  # replica 0 republishes; the other replicas pull from it
     trainer: str = "hf-split"  # or "megatron": real Megatron-Core ranks (TRAINERS)
+    engine: str = "full"  # or "hf-tp": sharded HF TP ranks (ENGINES)
+    checkpoint: str = ""  # the version-0 checkpoint the hf-tp ranks load
 
     @property
     def weights(self) -> VersionWeights:
@@ -111,6 +122,27 @@ class RefitRunResult:
 
 
 TRAINERS = ("megatron", "hf-split")
+ENGINES = ("hf-tp", "full")
+HF_TP_FAMILIES = ("llama", "qwen2", "qwen3", "mixtral")  # families with a transformers TP plan
+TP_LOGITS_ATOL = 1e-5  # a TP forward sums in another order: 1.5e-7 measured (engines.md)
+
+
+def default_engine(spec: TopologySpec, kind: str, fanout: bool = False) -> str:
+    """Sharded HF TP ranks wherever a replica is tensor-parallel (one PP stage, a family
+    transformers shards, no fan-out: a sharded replica does not republish), else full models."""
+    sharded = spec.inference_tp > 1 and spec.inference_pp == 1 and kind in HF_TP_FAMILIES
+    return "hf-tp" if sharded and not fanout else "full"
+
+
+def check_engine(engine: str, spec: TopologySpec, kind: str, fanout: bool) -> None:
+    """``ValueError`` (one line) for an engine that cannot run this topology."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine {engine!r} not in {ENGINES}")
+    if engine == "hf-tp":
+        if kind not in HF_TP_FAMILIES:
+            raise ValueError(f"engine 'hf-tp': {kind!r} has no transformers TP plan")
+        if spec.inference_pp > 1 or fanout:
+            raise ValueError("engine 'hf-tp': one PP stage, no fan-out")
 
 
 def default_trainer(spec: TopologySpec, kind: str) -> str:
@@ -188,28 +220,54 @@ def _trainer(cfg: RunConfig, info: RankInfo, store: dist.Store, groups: dict) ->
 
 def _receiver(cfg: RunConfig, info: RankInfo, store: dist.Store, groups: dict) -> dict[str, Any]:
     registry = VersionRegistry(store, timeout=cfg.timeout_s)
-    model = version_model(cfg.model_kind, cfg.model_spec, 0)
     root = cfg.fanout and info.replica == 0
     serves = root and info.tp_rank == 0 and info.pp_rank == 0
     agent = make_transport(cfg.transport, _name(info), serves=serves)
     directory = ReplicaDirectory(registry, MODEL_ID)
-    num_layers = cfg.weights.model_config.num_layers
-    receiver = receiver_for(
-        model,
-        registry=registry,
-        transport=agent,
-        target=TargetLayout(tp_size=info.tp_size, tp_rank=info.tp_rank),
-        timeout_s=cfg.timeout_s,
-        prefer_replicas=cfg.fanout and not root,
-        backend=CpuMockBackend(),
-        group=groups.get("replica"),
-        directory=directory,
-        owns=lambda name: pp_stage(name, num_layers, info.pp_size) == info.pp_rank,
-    )
+    target = TargetLayout(tp_size=info.tp_size, tp_rank=info.tp_rank)
     oracle: Any = cfg.weights
     if cfg.trainer == "megatron":
         oracle = MegatronLogits(store)
-    rank = ReceiverRank(receiver, model, oracle)
+    common = dict(
+        registry=registry,
+        transport=agent,
+        target=target,
+        timeout_s=cfg.timeout_s,
+        backend=CpuMockBackend(),
+        directory=directory,
+    )
+    if cfg.engine == "hf-tp":
+        group = init_replica_group(store, info.replica, info.tp_rank, info.tp_size, cfg.timeout_s)
+        model = load_tp_model(Path(cfg.checkpoint), info.tp_size)
+        local, layout, meta = engine_layout(model, info.tp_size)
+        receiver = receiver_for(
+            model,
+            make=ShardedRefitReceiver,
+            group=group,
+            layout=layout,
+            local=local,
+            meta=meta,
+            **common,
+        )
+        rank = ReceiverRank(
+            receiver,
+            model,
+            oracle,
+            local=local,
+            cut=lambda full: expected_shards(model, full, info.tp_size),
+            logits_atol=TP_LOGITS_ATOL,
+        )
+    else:
+        model = version_model(cfg.model_kind, cfg.model_spec, 0)
+        num_layers = cfg.weights.model_config.num_layers
+        receiver = receiver_for(
+            model,
+            prefer_replicas=cfg.fanout and not root,
+            group=groups.get("replica"),
+            owns=lambda name: pp_stage(name, num_layers, info.pp_size) == info.pp_rank,
+            **common,
+        )
+        rank = ReceiverRank(receiver, model, oracle)
     source = ReplicaSource(receiver, directory, agent, backend=CpuMockBackend()) if serves else None
     cycles, failures = [], []
     try:
@@ -217,7 +275,7 @@ def _receiver(cfg: RunConfig, info: RankInfo, store: dist.Store, groups: dict) -
             _act(cfg, info, store, cycle)
             if cfg.fanout and not root:
                 store.wait([f"replica_ready/v{cycle}"])
-            digest = model_digest(model)
+            digest = state_digest(rank.local)
             try:
                 timing, problems = rank.cycle(cycle)
             except (RefitError, TimeoutError, RuntimeError) as exc:
@@ -225,7 +283,7 @@ def _receiver(cfg: RunConfig, info: RankInfo, store: dist.Store, groups: dict) -
                 return {
                     "cycles": cycles,
                     "error": f"{type(exc).__name__}: {exc}",
-                    "digest_unchanged": model_digest(model) == digest,
+                    "digest_unchanged": state_digest(rank.local) == digest,
                     "failed_cycle": cycle,
                 }
             failures += problems
@@ -288,6 +346,7 @@ def run_topology(
     model_spec: TinyModelSpec | None = None,
     fanout: bool = False,
     trainer: str = "hf-split",
+    engine: str | None = None,
     timeout_s: float = 20.0,
     deadline_s: float = 120.0,
 ) -> RefitRunResult:
@@ -299,9 +358,30 @@ def run_topology(
         fault.check_rank(spec)
     model_spec = model_spec or TinyModelSpec()
     check_trainer(trainer, spec, model_kind, model_spec)
-    cfg = RunConfig(
-        spec, model_kind, model_spec, cycles, transport, fault, timeout_s, fanout, trainer
-    )
+    engine = engine or default_engine(spec, model_kind, fanout)
+    check_engine(engine, spec, model_kind, fanout)
+    with tempfile.TemporaryDirectory(prefix="mx-ckpt-") as tmp:
+        checkpoint = (
+            str(save_checkpoint(model_kind, model_spec, Path(tmp))) if engine == "hf-tp" else ""
+        )
+        cfg = RunConfig(
+            spec,
+            model_kind,
+            model_spec,
+            cycles,
+            transport,
+            fault,
+            timeout_s,
+            fanout,
+            trainer,
+            engine,
+            checkpoint,
+        )
+        return _run(cfg, out_dir, deadline_s)
+
+
+def _run(cfg: RunConfig, out_dir: Path | None, deadline_s: float) -> RefitRunResult:
+    spec, fault, timeout_s = cfg.spec, cfg.fault, cfg.timeout_s
     master, addr = host_store(f"run-{uuid.uuid4().hex[:8]}", timeout_s)
     holder: dict[str, Any] = {"store": dist.PrefixStore(addr.prefix, master)}
     del master  # ``holder`` keeps the only reference: dropping it shuts the server down
@@ -319,7 +399,7 @@ def run_topology(
     result = summarize(cfg, outcomes, time.perf_counter() - start)
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
-        name = f"refit-{spec.label().replace('>', '')}-{model_kind}.json"
+        name = f"refit-{spec.label().replace('>', '')}-{cfg.model_kind}.json"
         (out_dir / name).write_text(json.dumps(result.to_json(), indent=2, default=str))
     return result
 

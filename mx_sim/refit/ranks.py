@@ -154,20 +154,23 @@ def receiver_for(
 
 def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Every parameter's current value (CPU copies)."""
-    return {n: p.detach().cpu().clone() for n, p in model_parameters(model).items()}
+    return copies(model_parameters(model))
+
+
+def copies(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {n: t.detach().cpu().clone() for n, t in tensors.items()}
 
 
 def check_cycle(
     version: int,
     previous: Mapping[str, torch.Tensor],
     before: Mapping[str, torch.Tensor],
-    model: torch.nn.Module,
+    after: Mapping[str, torch.Tensor],
     want: Mapping[str, torch.Tensor] | None,
 ) -> list[str]:
-    """For every parameter: before == A (``previous``), after == B (``want``), and A != B.
+    """For every tensor: before == A (``previous``), after == B (``want``), and A != B.
     Without ``want`` (the trainer's values are not known here, only its logits) B is what the
     cycle left, and must still differ from A. Returns the problems found, one line each."""
-    after = {n: p.detach().cpu() for n, p in model_parameters(model).items()}
     want = after if want is None else want
     if set(after) != set(want):
         diff = sorted(set(after) ^ set(want))
@@ -211,26 +214,40 @@ class ReceiverRank:
     """One inference rank: refits each version through ``receiver`` and checks it against
     ``oracle``: every tensor A -> B with A != B (B = ``oracle.params(v)`` where the oracle knows
     the values) and, when ``logits`` is set, the logits against ``oracle.logits(v)`` within
-    ``oracle.atol``. The oracle is :class:`~mx_sim.fixtures.VersionWeights` (bit-exact) or a
-    Megatron trainer's own logits (:class:`~mx_sim.refit.megatron_trainer.MegatronLogits`)."""
+    ``oracle.atol`` (or ``logits_atol`` when larger: a TP forward sums in another order). The
+    oracle is :class:`~mx_sim.fixtures.VersionWeights` (bit-exact) or a Megatron trainer's own
+    logits (:class:`~mx_sim.refit.megatron_trainer.MegatronLogits`).
 
-    def __init__(self, receiver: Any, model: torch.nn.Module, oracle: Any):
+    A sharded engine passes ``local`` (its local tensors by name) and ``cut(full) -> local``,
+    the suite's own slices of a version's full weights: then every local tensor is checked."""
+
+    def __init__(
+        self,
+        receiver: Any,
+        model: torch.nn.Module,
+        oracle: Any,
+        *,
+        local: Mapping[str, torch.Tensor] | None = None,
+        cut: Callable[[Mapping[str, torch.Tensor]], Mapping[str, torch.Tensor]] | None = None,
+        logits_atol: float = 0.0,
+    ):
         self.receiver, self.model, self.oracle = receiver, model, oracle
-        self.previous = snapshot(model)
+        self.local = model_parameters(model) if local is None else local
+        self.cut = cut or (lambda full: full)
+        self.atol = max(oracle.atol, logits_atol)
+        self.previous = copies(self.local)
         self.logits_error = 0.0  # the largest logits difference seen
 
     def cycle(self, version: int, *, logits: bool = True) -> tuple[CycleTiming, list[str]]:
         """Refit ``version``; returns its timing and the problems the checks found."""
-        before = snapshot(self.model)
+        before = copies(self.local)
         timing = self.receiver.refit(version)
-        problems = check_cycle(
-            version, self.previous, before, self.model, self.oracle.params(version)
-        )
+        full = self.oracle.params(version)
+        want = None if full is None else self.cut(full)
+        problems = check_cycle(version, self.previous, before, copies(self.local), want)
         if logits:
-            err, wrong = check_logits(
-                version, self.model, self.oracle.logits(version), self.oracle.atol
-            )
+            err, wrong = check_logits(version, self.model, self.oracle.logits(version), self.atol)
             self.logits_error = max(self.logits_error, err)
             problems += wrong
-        self.previous = snapshot(self.model)
+        self.previous = copies(self.local)
         return timing, problems

@@ -246,7 +246,7 @@ def mid_transfer_failure(adapter) -> None:
         rig.publish(3)
         before = snapshot(model)
         rank.receiver.refit(3)
-        _raise(check_cycle(3, before, before, model, rig.weights.params(3)))
+        _raise(check_cycle(3, before, before, snapshot(model), rig.weights.params(3)))
 
 
 @check("refit.load_weights_atomic")
@@ -259,7 +259,7 @@ def load_weights_atomic(adapter) -> None:
     previous = snapshot(model)
     v1 = weights.params(1)
     adapter.load_weights(model, v1.items())
-    _raise(check_cycle(1, previous, previous, model, v1))
+    _raise(check_cycle(1, previous, previous, snapshot(model), v1))
     _check_ledger(adapter, model, ledger, "load_weights")
     digest = model_digest(model)
     v2 = list(weights.params(2).items())

@@ -16,7 +16,7 @@ from pathlib import Path
 from mx_sim.bench import BENCH_MODULES
 from mx_sim.commands import SCENARIO_MODULES
 from mx_sim.refit.faults import FAULTS
-from mx_sim.refit.multiprocess import TRAINERS
+from mx_sim.refit.multiprocess import ENGINES, TRAINERS
 from mx_sim.sim_transport import TRANSPORTS
 
 
@@ -108,6 +108,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="who publishes refit versions: real Megatron-Core ranks, or HF weights cut into "
         "Megatron layout (default: megatron where it runs the row, else hf-split; hf-split for "
+        "--fault)",
+    )
+    run.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default=None,
+        help="the inference replica: sharded HF TP ranks (each holds only its shard) or full "
+        "models (default: hf-tp where the replica is tensor-parallel, else full; full for "
         "--fault)",
     )
     run.add_argument(

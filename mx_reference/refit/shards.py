@@ -519,8 +519,8 @@ class ShardedRefitReceiver(RefitReceiver):
         for i, name in enumerate(names):
             if int(got[i]) != expected[i]:
                 raise RefitError(
-                    f"{name}: the replica's rows do not checksum to what the sources published "
-                    f"(v{manifests[0].version}): corrupted, stale or missing bytes"
+                    f"{name}: content checksum mismatch between the replica's rows and the "
+                    f"sources' shards (v{manifests[0].version}): corrupted, stale or missing bytes"
                 )
         check_staged(self.params, tensors)
 

@@ -150,7 +150,7 @@ FAULTS: dict[str, FaultKind] = {
             "corrupt_shard",
             "trainer",
             "a byte of a served read is flipped in flight (silent, as on hardware)",
-            error="digest mismatch",
+            error="mismatch",  # a digest (full models) or a checksum (sharded ranks)
             plan=lambda read: FaultPlan(corrupt_on=read, corrupt_bytes=1),
         ),
         FaultKind(

@@ -1,5 +1,6 @@
 """The CI refit matrix: the topologies ``mx-sim run`` and ``tests/refit`` both run, 3 cycles
-each, and the fault topology."""
+each, and the fault topology. A row whose replica is tensor-parallel runs sharded HF TP ranks
+(:func:`~mx_sim.refit.multiprocess.default_engine`)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,18 @@ MATRIX: dict[str, MatrixRow] = {
     "refit TP2->TP4 GQA": MatrixRow(TopologySpec(trainer_tp=2, inference_tp=4)),
     "refit PP2xTP2->TP4": MatrixRow(TopologySpec(trainer_tp=2, trainer_pp=2, inference_tp=4)),
     "refit EP2->EP1 MoE": MatrixRow(TopologySpec(trainer_ep=2), "mixtral"),
+    # rows with a tensor-parallel replica run sharded HF TP ranks (default_engine): each rank
+    # pulls and writes only its own slices; T > G repeats KV heads as vLLM does
+    "refit TP4->TP2 sharded": MatrixRow(
+        TopologySpec(trainer_tp=4, inference_tp=2), model_spec=TinyModelSpec(num_kv_heads=4)
+    ),
+    "refit TP2->TP4 sharded G=4": MatrixRow(
+        TopologySpec(trainer_tp=2, inference_tp=4), model_spec=TinyModelSpec(num_kv_heads=4)
+    ),
+    "refit TP1->TP2 sharded G=1": MatrixRow(
+        TopologySpec(inference_tp=2), model_spec=TinyModelSpec(num_kv_heads=1)
+    ),
+    "refit EP2->TP2 MoE sharded": MatrixRow(TopologySpec(trainer_ep=2, inference_tp=2), "mixtral"),
     # GPT-2 ties lm_head to wte; vocab 200 pads to 256 at TP2, so both trainer ranks hold real
     # embedding rows and the receiver merges the tied tensor from two shards
     "refit tied embeddings": MatrixRow(
@@ -42,5 +55,6 @@ MATRIX: dict[str, MatrixRow] = {
 }
 QUICK = ("refit TP2->TP1", "refit TP2->TP4 GQA", "refit EP2->EP1 MoE")
 
-# Faults run on TP2->TP2: trainers are global ranks 0 and 1, receivers 2 and 3 (TP ranks 0, 1).
+# Faults run on TP2->TP2: trainers are global ranks 0 and 1, receivers 2 and 3 (TP ranks 0, 1),
+# full-model receivers unless asked (their seconds-long timeouts leave no room for a TP load).
 FAULT_TOPOLOGY = TopologySpec(trainer_tp=2, inference_tp=2)

@@ -88,6 +88,7 @@ class RefitRunResult:
     model_kind: str
     transport: str
     trainer: str
+    engine: str
     passed: bool
     seconds: float
     bytes_moved: int
@@ -97,6 +98,12 @@ class RefitRunResult:
     def receiver_cycles(self) -> list[list[dict[str, Any]]]:
         """Timing records per receiver rank, cycle by cycle."""
         return [r.get("cycles", []) for r in self.ranks if r["role"] == "receiver"]
+
+    def pulled_over_model(self, model_bytes: int) -> float:
+        """Bytes the receivers pulled in one cycle, over the model's bytes (1.0: every byte
+        once; more where KV heads or replicated tensors are held by several ranks)."""
+        first = sum(cs[0]["bytes_pulled"] for cs in self.receiver_cycles() if cs)
+        return first / model_bytes
 
     def logits_max_abs(self) -> float:
         """The largest logits difference any receiver saw against the trainer's."""
@@ -295,7 +302,13 @@ def _receiver(cfg: RunConfig, info: RankInfo, store: dist.Store, groups: dict) -
         if source is not None:  # followers may still be reading the last version served
             last = f"done/v{cfg.cycles}"
             _wait_count(store, last, cfg.spec.num_receivers, f"abort/v{cfg.cycles}", cfg.timeout_s)
-        return {"cycles": cycles, "failures": failures, "logits_max_abs": rank.logits_error}
+        held = sum(t.numel() * t.element_size() for t in rank.local.values())
+        return {
+            "cycles": cycles,
+            "failures": failures,
+            "logits_max_abs": rank.logits_error,
+            "local_bytes": held,
+        }
     finally:
         if source is not None:
             source.close()
@@ -421,7 +434,16 @@ def summarize(cfg: RunConfig, outcomes: list[RankOutcome], seconds: float) -> Re
     passed = contained(cfg.fault, ranks) if cfg.fault else not errors
     label = cfg.spec.label() + (f" [{cfg.fault.kind}]" if cfg.fault else "")
     return RefitRunResult(
-        label, cfg.model_kind, cfg.transport, cfg.trainer, passed, seconds, moved, ranks, errors
+        label,
+        cfg.model_kind,
+        cfg.transport,
+        cfg.trainer,
+        cfg.engine,
+        passed,
+        seconds,
+        moved,
+        ranks,
+        errors,
     )
 
 

@@ -2,8 +2,9 @@
 real processes; or one custom topology; or one fault.
 
 A row passes when every receiver went from version A to version B in every tensor (A != B)
-in each cycle, its logits matched the trainer's model bit for bit, and warm cycles registered
-and allocated nothing. A fault row passes when the fault was contained: every rank ended with a
+in each cycle (a sharded rank: every local shard, against the suite's own cut of the version),
+its logits matched the trainer's (bit for bit on one rank; within 1e-5 through a TP forward or
+against Megatron-Core's), and warm cycles registered and allocated nothing. A fault row passes when the fault was contained: every rank ended with a
 clear error (or was the one killed) and no receiver's model changed. ``timings`` holds the last
 (warm) cycle of the slowest receiver rank; ``details`` every receiver rank's per-cycle records
 and, for a fault, one line per rank.
@@ -22,6 +23,7 @@ from mx_sim.refit.matrix import FAULT_TOPOLOGY, MATRIX, QUICK, MatrixRow
 from mx_sim.refit.megatron_trainer import megatron_available
 from mx_sim.refit.multiprocess import (
     RefitRunResult,
+    check_engine,
     check_trainer,
     default_trainer,
     run_topology,
@@ -33,7 +35,7 @@ PHASES = (*REFIT_PHASES, "total")
 # the tiny model's sizes the CLI may set (TinyModelSpec fields)
 SIZE_KEYS = ("num_heads", "num_kv_heads", "vocab_size", "num_layers")
 CUSTOM_KEYS = ("model", *(f.name for f in fields(TopologySpec)), *SIZE_KEYS)
-OPTION_KEYS = ("transport", "cycles", "fault", "trainer", *CUSTOM_KEYS)
+OPTION_KEYS = ("transport", "cycles", "fault", "trainer", "engine", *CUSTOM_KEYS)
 
 
 def to_scenario(name: str, result: RefitRunResult, cycles: int = 3) -> ScenarioResult:
@@ -49,11 +51,15 @@ def to_scenario(name: str, result: RefitRunResult, cycles: int = 3) -> ScenarioR
         c["registrations"] == 0 and c["bytes_allocated"] == 0 for cs in receivers for c in cs[1:]
     )
     passed = result.passed and warm_ok and all(len(cs) == cycles for cs in receivers)
-    logits = (
-        f"logits within 1e-05 of Megatron-Core's (max {result.logits_max_abs():.2g})"
-        if result.trainer == "megatron"
-        else "bit-exact logits"
-    )
+    if result.trainer == "megatron":
+        logits = f"logits within 1e-05 of Megatron-Core's (max {result.logits_max_abs():.2g})"
+    elif result.engine == "hf-tp":
+        logits = f"TP logits within 1e-05 (max {result.logits_max_abs():.2g})"
+    else:
+        logits = "bit-exact logits"
+    if result.engine == "hf-tp":
+        pulled = [cs[0]["bytes_pulled"] for cs in receivers if cs]
+        logits = f"sharded HF TP, pulled {'/'.join(map(str, pulled))} B per rank; {logits}"
     detail = (
         f"{logits}, warm cycles 0 registrations"
         if passed
@@ -102,6 +108,8 @@ def validate_options(options: dict) -> None:
         return
     if "trainer" in options:
         check_trainer(options["trainer"], row.spec, row.kind, row.model_spec or TinyModelSpec())
+    if "engine" in options:
+        check_engine(options["engine"], row.spec, row.kind, fanout=False)
     try:
         plan_topology(row.spec, row.kind, row.model_spec)
     except IncompleteRefitPlan as exc:
@@ -121,7 +129,7 @@ def run(out_dir: Path, quick: bool, options: dict | None = None) -> list[Scenari
         trainer = options.get("trainer", "hf-split")
         result = run_topology(
             row.spec, row.kind, cycles, transport, fault, out_dir, model_spec=row.model_spec,
-            trainer=trainer, timeout_s=3.0, deadline_s=60,
+            trainer=trainer, engine=options.get("engine", "full"), timeout_s=3.0, deadline_s=60,
         )  # fmt: skip
         return [to_scenario(f"refit {row.spec.label()} fault {fault.kind}", result, cycles)]
     if custom is not None:
@@ -143,6 +151,7 @@ def run(out_dir: Path, quick: bool, options: dict | None = None) -> list[Scenari
             model_spec=row.model_spec,
             fanout=row.fanout,
             trainer=options.get("trainer") or default_trainer(row.spec, row.kind),
+            engine=options.get("engine"),
         )
         rows.append(to_scenario(name, result, cycles))
     return rows

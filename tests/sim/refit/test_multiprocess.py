@@ -14,7 +14,7 @@ from mx_sim import cli
 from mx_sim.refit.faults import FAULTS, Fault
 from mx_sim.refit.matrix import FAULT_TOPOLOGY, MATRIX
 from mx_sim.refit.megatron_trainer import megatron_available
-from mx_sim.refit.multiprocess import default_trainer, run_topology
+from mx_sim.refit.multiprocess import default_engine, default_trainer, run_topology
 from mx_sim.scenarios.refit import to_scenario
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.xdist_group("refit-sim")]
@@ -42,11 +42,16 @@ def test_ci_matrix_three_cycles_bit_exact(name):
     assert result.passed, result.errors
     scenario = to_scenario(name, result)
     assert scenario.passed and scenario.detail.endswith(", warm cycles 0 registrations")
-    if trainer == "megatron":  # the oracle is Megatron's own forward, within the stated 1e-5
+    engine = default_engine(row.spec, row.kind, row.fanout)
+    assert engine == ("hf-tp" if row.spec.inference_tp > 1 and not row.fanout else "full")
+    assert result.engine == engine
+    if trainer == "megatron" or engine == "hf-tp":  # a TP forward: within the stated 1e-5
         assert result.logits_max_abs() <= 1e-5, result.logits_max_abs()
     else:
         assert result.logits_max_abs() == 0.0
     for rx in _receivers(result):
+        if engine == "hf-tp":  # each rank pulled exactly the bytes of its own shards
+            assert all(c["bytes_pulled"] == rx["local_bytes"] for c in rx["cycles"]), rx
         cold, *warm = rx["cycles"]
         assert [c["version"] for c in rx["cycles"]] == [1, 2, 3]
         assert cold["registrations"] >= 1
@@ -66,7 +71,9 @@ def _struck_rank(kind: str) -> int:
 def test_faults_end_with_clear_errors_and_untouched_models(kind):
     rank = 1 if kind == "slow_rank" else _struck_rank(kind)
     fault = Fault(kind, cycle=2, rank=rank, delay_s=6.0)
-    result = run_topology(FAULT_TOPOLOGY, "llama", 3, fault=fault, timeout_s=3.0, deadline_s=60)
+    result = run_topology(
+        FAULT_TOPOLOGY, "llama", 3, fault=fault, engine="full", timeout_s=3.0, deadline_s=60
+    )
     assert result.passed, result.errors
     assert result.seconds < 60
     entry = FAULTS[kind]
@@ -82,6 +89,18 @@ def test_faults_end_with_clear_errors_and_untouched_models(kind):
     if entry.error:
         assert any(entry.error in e for e in result.errors), result.errors
     assert len(result.rank_lines()) == FAULT_TOPOLOGY.world_size
+
+
+@pytest.mark.timeout(90)
+def test_sharded_ranks_refuse_a_corrupted_shard_on_every_rank_and_keep_their_shards():
+    fault = Fault("corrupt_shard", cycle=1, rank=0)  # its first served read: cycle 1
+    result = run_topology(
+        FAULT_TOPOLOGY, "llama", 3, fault=fault, engine="hf-tp", timeout_s=15.0, deadline_s=80
+    )
+    assert result.passed, result.errors
+    for rx in _receivers(result):  # the all-reduced checksum fails every rank alike
+        assert "content checksum mismatch" in rx["error"], rx["error"]
+        assert rx["failed_cycle"] == 1 and rx["digest_unchanged"] is True
 
 
 @pytest.mark.timeout(90)

@@ -26,8 +26,9 @@ PIPELINE_PARALLEL = "pipeline_parallel"  # inference pipeline parallelism (tp ra
 TIED_EMBEDDINGS = "tied_embeddings"  # models whose lm_head shares the embedding
 CUDA_GRAPHS = "cuda_graphs"  # graph capture and replay (CUDA, or the CPU-simulated graph)
 SHARED_IPC = "shared_ipc"  # zero-copy tensor channel (shared memory / CUDA IPC)
+SHARDED = "sharded"  # ranks hold only their shard; refit writes it in place (build_sharded)
 CAPABILITIES = frozenset(
-    {MOE, FP8, MIXED_TP, PIPELINE_PARALLEL, TIED_EMBEDDINGS, CUDA_GRAPHS, SHARED_IPC}
+    {MOE, FP8, MIXED_TP, PIPELINE_PARALLEL, TIED_EMBEDDINGS, CUDA_GRAPHS, SHARED_IPC, SHARDED}
 )
 
 
@@ -165,4 +166,37 @@ class EngineAdapter(Protocol):
         cycle's timing (``registrations``, ``bytes_allocated``, ``bytes_pulled``: zero setup on
         a warm cycle with an unchanged layout); ``close()`` releases its buffers.
         """
+        ...
+
+
+class ShardedEngine(Protocol):
+    """One rank of a sharded engine, as :meth:`ShardedEngineAdapter.build_sharded` returns it.
+
+    ``local``: the tensors this rank holds, by the engine's own names (vLLM's fused
+    ``qkv_proj``, ``gate_up_proj``...). ``layout``: for each, the
+    :class:`~mx_reference.refit.shards.SlicePart` s of full HF parameters it is made of,
+    concatenated along their dim (DTensor engines read it off their placements with
+    :func:`~mx_reference.refit.shards.dtensor_layout`). ``meta``: the full HF parameters as
+    meta tensors. ``model``: the module, for its HF config."""
+
+    model: torch.nn.Module
+    local: dict[str, torch.Tensor]
+    layout: dict[str, Any]
+    meta: dict[str, torch.Tensor]
+
+
+class ShardedEngineAdapter(EngineAdapter, Protocol):
+    """An engine whose ranks hold only their shard (capability :data:`SHARDED`)."""
+
+    def build_sharded(
+        self, kind: str, *, tp_size: int, tp_rank: int, seed: int = 0, **config: Any
+    ) -> ShardedEngine:
+        """Rank ``tp_rank`` of a ``tp_size``-way sharded ``kind`` model with ``seed``'s
+        weights."""
+        ...
+
+    def make_sharded_receiver(self, engine: ShardedEngine, **kwargs: Any) -> Any:
+        """The engine's own loader for ``engine``: a receiver (same contract and keywords as
+        :meth:`EngineAdapter.make_receiver`, ``group`` the replica) that writes exactly this
+        rank's shard in place."""
         ...

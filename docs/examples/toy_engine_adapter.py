@@ -61,7 +61,7 @@ class ToyEngineReceiver(RefitReceiver):
 class ToyEngineAdapter:
     def __init__(self) -> None:
         self.backend = CpuMockBackend()
-        self.capabilities = caps.CAPABILITIES - {caps.MOE, caps.FP8}
+        self.capabilities = caps.CAPABILITIES - {caps.MOE, caps.FP8, caps.SHARDED}
         self.paused = False
         self.graphs = GraphRunner(backend=self.backend)
 

@@ -53,7 +53,9 @@ class ReferenceAdapter:
 
     @property
     def capabilities(self) -> frozenset[str]:
-        return caps.CAPABILITIES
+        """Everything but :data:`~mx_reference.adapter.SHARDED`: each rank holds the full
+        model (the sharded reference is :mod:`~mx_sim.conformance.sharded_adapter`)."""
+        return caps.CAPABILITIES - {caps.SHARDED}
 
     # -- models and discovery --------------------------------------------------------------
 

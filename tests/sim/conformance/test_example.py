@@ -9,6 +9,7 @@ import pathlib
 import pytest
 
 from mx_reference import adapter as caps
+from mx_sim.conformance.catalog import all_checks
 from mx_sim.conformance.run_checks import run_checks
 
 EXAMPLE = pathlib.Path(__file__).parents[3] / "docs" / "examples" / "toy_engine_adapter.py"
@@ -27,12 +28,14 @@ def test_example_adapter_passes_and_skips_only_undeclared(toy):
     report = run_checks(toy.factory)
     assert report.failed_ids() == []
     skipped = {r.id: r.reason for r in report.results if r.status == "skipped"}
+    sharded = {c.id for c in all_checks() if caps.SHARDED in c.requires}
     assert set(skipped) == {
         "discovery.hf_mixtral",
         "discovery.post_load_capture",
         "refit.moe_expert_parallel",
+        *sharded,
     }
-    assert all("moe" in reason or "fp8" in reason for reason in skipped.values())
+    assert all(any(c in why for c in ("moe", "fp8", "sharded")) for why in skipped.values())
 
 
 def test_walkthrough_bug_is_caught(toy, monkeypatch):

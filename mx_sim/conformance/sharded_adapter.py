@@ -1,0 +1,133 @@
+"""The second reference adapter: a vLLM-shaped sharded engine, whose ranks hold only their shard.
+
+Each rank of :class:`VllmShapedAdapter` holds what a vLLM TP rank holds, as plain tensors:
+``qkv_proj`` fusing this rank's q heads with its k and v heads (one KV head repeated over
+``T / G`` ranks when TP exceeds the KV heads: rank r holds head ``r // (T / G)``),
+``gate_up_proj`` fusing its gate and up rows, o_proj and down_proj columns, vocab rows of the
+embedding and lm_head (``torch.chunk`` split), whole norms. It has no DTensors, so it declares
+that layout (:func:`vllm_layout`), the way an adapter over vLLM's ``ColumnParallelLinear``,
+``QKVParallelLinear``, ``MergedColumnParallelLinear``, ``RowParallelLinear`` and
+``VocabParallelEmbedding`` would; its loader is
+:class:`~mx_reference.refit.shards.ShardedRefitReceiver` over those tensors.
+
+The ranks run as threads of one process (the suite's rig); transformers' own TP engine, whose
+layout is read off DTensor placements, runs one process per rank in the simulator's matrix
+(:mod:`mx_sim.refit.hf_tp_engine`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from mx_reference import adapter as caps
+from mx_reference.refit.apply import model_parameters
+from mx_reference.refit.layouts import hf_meta
+from mx_reference.refit.shards import ShardedRefitReceiver, SlicePart, chunk_range
+from mx_sim.conformance.adapters import ReferenceAdapter
+from mx_sim.cpu_mock import CpuMockBackend
+
+PROJ = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "o_proj", "down_proj")
+
+
+@dataclass
+class ShardedModel:
+    """One rank of a sharded engine (:class:`mx_reference.adapter.ShardedEngine`)."""
+
+    model: torch.nn.Module  # the full model on the meta device: config and HF names only
+    local: dict[str, torch.Tensor]
+    layout: dict[str, tuple[SlicePart, ...]]
+    meta: dict[str, torch.Tensor]
+    tp_size: int
+    tp_rank: int
+
+
+def kv_heads(num_kv_heads: int, tp_size: int, tp_rank: int) -> tuple[int, int]:
+    """KV heads ``[lo, hi)`` of a rank: its share of them, or the one it repeats (T > G)."""
+    if num_kv_heads >= tp_size:
+        return chunk_range(num_kv_heads, tp_size, tp_rank)
+    head = tp_rank // (tp_size // num_kv_heads)
+    return head, head + 1
+
+
+def vllm_layout(
+    meta: Mapping[str, torch.Tensor], config: Any, tp_size: int, tp_rank: int
+) -> dict[str, tuple[SlicePart, ...]]:
+    """vLLM's per-rank layout of an HF Llama-style model, as declared slices."""
+    heads, groups = config.num_attention_heads, config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    layout: dict[str, tuple[SlicePart, ...]] = {}
+    for name, t in meta.items():
+        prefix, _, leaf = name.rpartition(".")
+        module = prefix.rpartition(".")[2]
+        rows = t.shape[0]
+        if module == "q_proj":
+            base = prefix.removesuffix("q_proj")
+            q = [h * head_dim for h in chunk_range(heads, tp_size, tp_rank)]
+            kv = [h * head_dim for h in kv_heads(groups, tp_size, tp_rank)]
+            layout[f"{base}qkv_proj.{leaf}"] = (
+                SlicePart(name, 0, *q),
+                SlicePart(f"{base}k_proj.{leaf}", 0, *kv),
+                SlicePart(f"{base}v_proj.{leaf}", 0, *kv),
+            )
+        elif module == "gate_proj":
+            base = prefix.removesuffix("gate_proj")
+            lo, hi = chunk_range(rows, tp_size, tp_rank)
+            layout[f"{base}gate_up_proj.{leaf}"] = (
+                SlicePart(name, 0, lo, hi),
+                SlicePart(f"{base}up_proj.{leaf}", 0, lo, hi),
+            )
+        elif module in ("o_proj", "down_proj") and leaf == "weight":
+            layout[name] = (SlicePart(name, 1, *chunk_range(t.shape[1], tp_size, tp_rank)),)
+        elif module in ("embed_tokens", "lm_head"):
+            layout[name] = (SlicePart(name, 0, *chunk_range(rows, tp_size, tp_rank)),)
+        elif module not in PROJ:
+            layout[name] = (SlicePart(name, 0, 0, rows),)  # norms: whole
+    return layout
+
+
+def cut(full: Mapping[str, torch.Tensor], parts: Sequence[SlicePart]) -> torch.Tensor:
+    """A local tensor of a declared layout, cut from full HF tensors (the suite's own cut)."""
+    return torch.cat(
+        [full[p.hf_name].narrow(p.dim, p.start, p.stop - p.start) for p in parts], parts[0].dim
+    )
+
+
+class VllmShapedAdapter(ReferenceAdapter):
+    """The reference adapter plus :data:`~mx_reference.adapter.SHARDED`: a vLLM-shaped sharded
+    engine (:func:`vllm_layout`) and its loader. Conformance mutants of a sharded loader
+    override :meth:`loader_layout`."""
+
+    @property
+    def capabilities(self) -> frozenset[str]:
+        return caps.CAPABILITIES
+
+    def build_sharded(
+        self, kind: str, *, tp_size: int, tp_rank: int, seed: int = 0, **config: Any
+    ) -> ShardedModel:
+        full = self.build_model(kind, seed=seed, **config)
+        meta = hf_meta(full)
+        params = {n: p.detach() for n, p in model_parameters(full).items()}
+        layout = vllm_layout({n: meta[n] for n in params}, full.config, tp_size, tp_rank)
+        local = {n: cut(params, parts).clone() for n, parts in layout.items()}
+        return ShardedModel(full.to("meta"), local, layout, meta, tp_size, tp_rank)
+
+    def loader_layout(self, engine: ShardedModel) -> dict[str, tuple[SlicePart, ...]]:
+        """The layout the loader writes by: the engine's own."""
+        return engine.layout
+
+    def make_sharded_receiver(self, engine: ShardedModel, **kwargs: Any) -> ShardedRefitReceiver:
+        kwargs.setdefault("backend", self.backend)
+        layout = self.loader_layout(engine)
+        local = {n: engine.local[n] for n in layout}
+        return ShardedRefitReceiver(
+            engine.model, layout=layout, local=local, meta=engine.meta, **kwargs
+        )
+
+
+def vllm_shaped_adapter() -> VllmShapedAdapter:
+    """The sharded reference adapter on the CPU mock backend."""
+    return VllmShapedAdapter(CpuMockBackend())

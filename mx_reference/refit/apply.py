@@ -19,12 +19,10 @@ from collections.abc import Mapping
 
 import torch
 
-from mx_reference.refit.layouts import Pieced, Regrouped, StagedTensors
+from mx_reference.refit.layouts import Pieced, Regrouped, Staged, StagedTensors
 
 
-def _entries(
-    staged: Mapping[str, torch.Tensor],
-) -> Mapping[str, torch.Tensor | Regrouped | Pieced]:
+def _entries(staged: Mapping[str, torch.Tensor]) -> Mapping[str, Staged]:
     return staged.entries if isinstance(staged, StagedTensors) else staged
 
 

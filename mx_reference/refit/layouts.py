@@ -94,6 +94,9 @@ class Pieced:
     def device(self) -> torch.device:
         return self.runs[0][3].device
 
+    def to(self, device: torch.device) -> Pieced:
+        return Pieced(self.shape, tuple((e, d, s, t.to(device)) for e, d, s, t in self.runs))
+
     def materialize(self) -> torch.Tensor:
         out = torch.empty(self.shape, dtype=self.dtype, device=self.device)
         self.copy_into(out)
@@ -105,12 +108,15 @@ class Pieced:
             block.narrow(dim, start, source.shape[dim]).copy_(source)
 
 
+Staged = torch.Tensor | Regrouped | Pieced  # one staged tensor: made, or to be made on apply
+
+
 class StagedTensors(Mapping[str, torch.Tensor]):
     """A staged version's HF tensors by parameter name. ``entries`` may hold
     :class:`Regrouped` tensors: :func:`apply_in_place` copies them straight into their
     parameters, while reading one through the mapping materializes it."""
 
-    def __init__(self, entries: Mapping[str, torch.Tensor | Regrouped | Pieced]):
+    def __init__(self, entries: Mapping[str, Staged]):
         self.entries = dict(entries)
 
     def __getitem__(self, name: str) -> torch.Tensor:
@@ -517,7 +523,7 @@ def hf_from_canonical(
     """Canonical Megatron tensors -> the HF state dict; a tied ``lm_head`` is the embedding
     tensor itself, so the tie survives loading. Tensors that are only regrouped views of the
     canonical ones stay :class:`Regrouped` in ``.entries`` until read or applied."""
-    out: dict[str, torch.Tensor | Regrouped] = {}
+    out: dict[str, Staged] = {}
     per_expert: dict[str, dict[int, torch.Tensor]] = {}
     rules = tensor_rules(cfg, expert_layout)
     for rule in rules:

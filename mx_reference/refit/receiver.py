@@ -51,7 +51,7 @@ from mx_reference.refit.apply import apply_in_place, check_staged, model_paramet
 from mx_reference.refit.gather import all_gather_shards, vote
 from mx_reference.refit.layouts import (
     RefitModelConfig,
-    Regrouped,
+    Staged,
     StagedTensors,
     canonical_from_ranks,
     canonical_from_shards,
@@ -408,13 +408,11 @@ class RefitReceiver:
             spec, shards, vocab_divisible_by=self.target.vocab_divisible_by
         )
 
-    def translate(
-        self, canonical: Mapping[str, torch.Tensor]
-    ) -> dict[str, torch.Tensor | Regrouped]:
+    def translate(self, canonical: Mapping[str, torch.Tensor]) -> dict[str, Staged]:
         """Canonical Megatron -> HF tensors for this model's parameters, on its device; views
         of ``canonical`` wherever possible (apply makes the copies)."""
         hf = hf_from_canonical(canonical, self.model_config, self.config.expert_layout)
-        out: dict[str, torch.Tensor | Regrouped] = {}
+        out: dict[str, Staged] = {}
         for name, t in hf.entries.items():
             if name in self.params:
                 out[name] = t.to(self.params[name].device)

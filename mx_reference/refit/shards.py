@@ -38,6 +38,7 @@ from mx_reference.refit.apply import check_staged, model_parameters
 from mx_reference.refit.gather import all_gather_shards
 from mx_reference.refit.layouts import (
     Pieced,
+    Staged,
     canonical_shapes,
     hf_from_canonical,
     hf_meta,
@@ -230,7 +231,7 @@ class ShardTarget(TargetLayout):
                 runs += part_runs
                 at += part.stop - part.start
             _check_local_shape(local_name, parts, at, local_shapes[local_name], meta)
-        wanted = {}
+        wanted: dict[str, list[tuple[int, int]]] = {}
         for run in runs:
             wanted.setdefault(run.megatron, []).append((run.canon, run.canon + run.length))
         return cls(
@@ -439,7 +440,7 @@ class ShardedRefitReceiver(RefitReceiver):
         meta = hf_meta(model) if meta is None else meta
         super().__init__(model, meta=meta, **kw)
         self.params = dict(local)
-        self.target = ShardTarget.build(
+        self.target = self.shard_target = ShardTarget.build(
             layout,
             {n: tuple(t.shape) for n, t in local.items()},
             meta,
@@ -447,7 +448,7 @@ class ShardedRefitReceiver(RefitReceiver):
             position=self.target,
             expert_layout=self.config.expert_layout,
         )
-        rows = self.target.rows()
+        rows = self.shard_target.rows()
         self.plans.expected = {m: d for m, d in (self.plans.expected or {}).items() if m in rows}
         self._claims: dict[str, Rows] | None = None
 
@@ -481,12 +482,12 @@ class ShardedRefitReceiver(RefitReceiver):
         assert buffers.dest is not None
         return {name: buffers.dest.views[name] for name in plan.tensors}
 
-    def translate(self, canonical: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    def translate(self, canonical: Mapping[str, torch.Tensor]) -> dict[str, Staged]:
         """Each local tensor as runs out of the pulled rows: ``canonical`` holds, per Megatron
         tensor, this rank's wanted rows in order (views; apply makes the copies)."""
-        rows = self.target.rows()
+        rows = self.shard_target.rows()
         runs: dict[str, list[tuple[int | None, int, int, torch.Tensor]]] = {}
-        for run in self.target.runs:
+        for run in self.shard_target.runs:
             axis, wanted = rows[run.megatron]
             source = canonical[run.megatron].narrow(axis, _position(wanted, run.canon), run.length)
             dim = run.dim - (run.expert is not None)
@@ -503,7 +504,7 @@ class ShardedRefitReceiver(RefitReceiver):
         what the publishers announced: one all-reduce of one number per tensor."""
         names = sorted(self.global_shapes)
         expected = published_checksums(manifests, names)
-        rows = self.target.rows()
+        rows = self.shard_target.rows()
         got = torch.zeros(len(names), dtype=torch.int64)
         for i, name in enumerate(names):
             for lo, hi in self._claimed().get(name, ()):
@@ -536,7 +537,9 @@ class ShardedRefitReceiver(RefitReceiver):
         if self._claims is None:
             names = sorted(self.global_shapes)
             mine = [
-                (names.index(m), lo, hi) for m, _, rows in self.target.wanted for lo, hi in rows
+                (names.index(m), lo, hi)
+                for m, _, rows in self.shard_target.wanted
+                for lo, hi in rows
             ]
             encoded = {"rows": torch.tensor(mine, dtype=torch.int64).view(-1, 3)}
             rank = 0 if self.group is None else self.group.rank()
@@ -547,6 +550,7 @@ class ShardedRefitReceiver(RefitReceiver):
                     for i, lo, hi in tensors["rows"].tolist():
                         lower.setdefault(names[i], []).append((lo, hi))
             self._claims = {
-                m: _subtract(rows, _merge(lower.get(m, []))) for m, _, rows in self.target.wanted
+                m: _subtract(rows, _merge(lower.get(m, [])))
+                for m, _, rows in self.shard_target.wanted
             }
         return self._claims

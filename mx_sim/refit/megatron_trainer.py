@@ -194,11 +194,7 @@ class MegatronTrainer:
         self.layer_offset = self.model.decoder.layers[0].layer_number - 1
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=LEARNING_RATE)
         self.prompt = fixed_prompt(spec.vocab_size)  # (1, S): the oracle's logits
-        # the training batch holds every token, so every embedding row (on every vocab shard
-        # of a sharded receiver) changes at each step
-        length = -(-spec.vocab_size // 8) * 8
-        tokens = fixed_prompt(spec.vocab_size, length=length).view(-1, 8)  # (B, 8)
-        self.batch, self.labels = tokens, (tokens + 1) % spec.vocab_size
+        self.batch, self.labels = training_batch(spec.vocab_size)
         self.steps = 0
 
     @staticmethod
@@ -282,6 +278,15 @@ class MegatronTrainer:
             tp=(self.info.tp_rank, self.info.tp_size),
             layer_offset=self.layer_offset,
         )
+
+
+def training_batch(vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids (B, 8) holding every token of the vocab (7 is prime to the tiny vocabs), and
+    their next-token labels: every embedding row, on every vocab shard of a sharded receiver,
+    changes at each step."""
+    length = -(-vocab_size // 8) * 8
+    tokens = fixed_prompt(vocab_size, length=length).view(-1, 8)
+    return tokens, (tokens + 1) % vocab_size
 
 
 def _oracle_key(version: int) -> str:

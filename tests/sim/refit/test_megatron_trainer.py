@@ -15,7 +15,11 @@ from mx_reference.refit.layouts import RefitModelConfig
 from mx_sim.cluster.launch import host_store, launch
 from mx_sim.cluster.topology import TopologySpec
 from mx_sim.fixtures import TinyModelSpec, build_tiny_model, fixed_prompt, rank_shards
-from mx_sim.refit.megatron_trainer import loaded_logits_and_grads, megatron_available
+from mx_sim.refit.megatron_trainer import (
+    loaded_logits_and_grads,
+    megatron_available,
+    training_batch,
+)
 
 pytestmark = [
     pytest.mark.multiprocess,
@@ -29,11 +33,12 @@ MHA4 = TinyModelSpec(num_kv_heads=4)  # TP 4 needs 4 query groups
 
 def _hf_reference(kind: str, spec: TinyModelSpec):
     """An HF model, its logits on the fixed prompt and the gradients of the mean next-token
-    loss (the same loss the Megatron rank takes)."""
+    loss on the training batch (the same loss the Megatron rank takes)."""
     model = build_tiny_model(kind, spec, seed=7)
-    prompt, labels = fixed_prompt(spec.vocab_size), fixed_prompt(spec.vocab_size, 9)[:, 1:]
-    logits = model(prompt).logits
-    F.cross_entropy(logits[0], labels[0]).backward()
+    logits = model(fixed_prompt(spec.vocab_size)).logits
+    batch, labels = training_batch(spec.vocab_size)
+    out = model(batch).logits
+    F.cross_entropy(out.flatten(0, 1), labels.flatten()).backward()
     grads = {
         n: p.grad for n, p in model.named_parameters(remove_duplicate=False) if p.grad is not None
     }

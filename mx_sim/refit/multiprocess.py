@@ -94,16 +94,18 @@ class RefitRunResult:
     bytes_moved: int
     ranks: list[dict[str, Any]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    model_bytes: int = 0  # one copy of the trainer's weights
 
     def receiver_cycles(self) -> list[list[dict[str, Any]]]:
         """Timing records per receiver rank, cycle by cycle."""
         return [r.get("cycles", []) for r in self.ranks if r["role"] == "receiver"]
 
-    def pulled_over_model(self, model_bytes: int) -> float:
-        """Bytes the receivers pulled in one cycle, over the model's bytes (1.0: every byte
-        once; more where KV heads or replicated tensors are held by several ranks)."""
+    def pulled_over_model(self) -> float:
+        """Bytes each replica pulled in the first cycle over the model's bytes (1.0: every
+        byte once; more where KV heads or replicated tensors are held by several ranks)."""
         first = sum(cs[0]["bytes_pulled"] for cs in self.receiver_cycles() if cs)
-        return first / model_bytes
+        replicas = len({r.get("replica", 0) for r in self.ranks if r["role"] == "receiver"})
+        return first / replicas / self.model_bytes if self.model_bytes else 0.0
 
     def logits_max_abs(self) -> float:
         """The largest logits difference any receiver saw against the trainer's."""
@@ -303,7 +305,11 @@ def _receiver(cfg: RunConfig, info: RankInfo, store: dist.Store, groups: dict) -
             last = f"done/v{cfg.cycles}"
             _wait_count(store, last, cfg.spec.num_receivers, f"abort/v{cfg.cycles}", cfg.timeout_s)
         held = sum(t.numel() * t.element_size() for t in rank.local.values())
+        storages = {
+            t.untyped_storage().data_ptr(): t.untyped_storage() for t in rank.local.values()
+        }
         return {
+            "storage_bytes": sum(s.nbytes() for s in storages.values()),
             "cycles": cycles,
             "failures": failures,
             "logits_max_abs": rank.logits_error,
@@ -331,7 +337,12 @@ def rank_main(rank: int, cfg: RunConfig, addr: Any) -> dict[str, Any]:
     """One rank of a run; ``addr.connect()`` gives the run's store."""
     store = addr.connect()
     info = cfg.spec.rank_info(rank)
-    result: dict[str, Any] = {"rank": rank, "role": info.role, "tp_rank": info.tp_rank}
+    result: dict[str, Any] = {
+        "rank": rank,
+        "role": info.role,
+        "tp_rank": info.tp_rank,
+        "replica": info.replica,
+    }
     try:
         groups = {
             kind: gloo_group(store, cfg.spec.group_name(members), members, rank, cfg.timeout_s)
@@ -412,7 +423,11 @@ def _run(cfg: RunConfig, out_dir: Path | None, deadline_s: float) -> RefitRunRes
     result = summarize(cfg, outcomes, time.perf_counter() - start)
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
-        name = f"refit-{spec.label().replace('>', '')}-{cfg.model_kind}.json"
+        default = TinyModelSpec()
+        sizes = "".join(  # rows differing only in model sizes get files of their own
+            f"-{k}{v}" for k, v in asdict(cfg.model_spec).items() if v != getattr(default, k)
+        )
+        name = f"refit-{spec.label().replace('>', '')}-{cfg.model_kind}{sizes}.json"
         (out_dir / name).write_text(json.dumps(result.to_json(), indent=2, default=str))
     return result
 
@@ -444,6 +459,7 @@ def summarize(cfg: RunConfig, outcomes: list[RankOutcome], seconds: float) -> Re
         moved,
         ranks,
         errors,
+        sum(t.numel() * t.element_size() for t in cfg.weights.params(1).values()),
     )
 
 

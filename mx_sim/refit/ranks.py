@@ -219,7 +219,8 @@ class ReceiverRank:
     logits (:class:`~mx_sim.refit.megatron_trainer.MegatronLogits`).
 
     A sharded engine passes ``local`` (its local tensors by name) and ``cut(full) -> local``,
-    the suite's own slices of a version's full weights: then every local tensor is checked."""
+    the suite's own slices of a version's full weights: then every local tensor is checked.
+    Every tensor must also keep its storage address."""
 
     def __init__(
         self,
@@ -236,6 +237,7 @@ class ReceiverRank:
         self.cut = cut or (lambda full: full)
         self.atol = max(oracle.atol, logits_atol)
         self.previous = copies(self.local)
+        self.addresses = {n: t.data_ptr() for n, t in self.local.items()}
         self.logits_error = 0.0  # the largest logits difference seen
 
     def cycle(self, version: int, *, logits: bool = True) -> tuple[CycleTiming, list[str]]:
@@ -245,6 +247,11 @@ class ReceiverRank:
         full = self.oracle.params(version)
         want = None if full is None else self.cut(full)
         problems = check_cycle(version, self.previous, before, copies(self.local), want)
+        problems += [
+            f"v{version}: {n}: storage moved (refit must copy in place)"
+            for n, t in self.local.items()
+            if t.data_ptr() != self.addresses[n]
+        ]
         if logits:
             err, wrong = check_logits(version, self.model, self.oracle.logits(version), self.atol)
             self.logits_error = max(self.logits_error, err)

@@ -59,7 +59,11 @@ def to_scenario(name: str, result: RefitRunResult, cycles: int = 3) -> ScenarioR
         logits = "bit-exact logits"
     if result.engine == "hf-tp":
         pulled = [cs[0]["bytes_pulled"] for cs in receivers if cs]
-        logits = f"sharded HF TP, pulled {'/'.join(map(str, pulled))} B per rank; {logits}"
+        ratio = result.pulled_over_model()
+        logits = (
+            f"sharded HF TP, pulled {'/'.join(map(str, pulled))} B per rank "
+            f"({ratio:.3f}x the model); {logits}"
+        )
     detail = (
         f"{logits}, warm cycles 0 registrations"
         if passed

@@ -50,13 +50,17 @@ def test_ci_matrix_three_cycles_bit_exact(name):
     else:
         assert result.logits_max_abs() == 0.0
     for rx in _receivers(result):
-        if engine == "hf-tp":  # each rank pulled exactly the bytes of its own shards
+        if engine == "hf-tp":  # each rank pulled exactly the bytes of its own shards, and
+            # holds nothing else: its storages are compacted to the shard bytes
             assert all(c["bytes_pulled"] == rx["local_bytes"] for c in rx["cycles"]), rx
+            assert rx["storage_bytes"] == rx["local_bytes"], rx
         cold, *warm = rx["cycles"]
         assert [c["version"] for c in rx["cycles"]] == [1, 2, 3]
         assert cold["registrations"] >= 1
         assert all(c["registrations"] == 0 and c["bytes_allocated"] == 0 for c in warm)
     assert result.bytes_moved > 0
+    if engine == "hf-tp":  # the replica pulls the model about once (repeated KV heads more)
+        assert 1.0 <= result.pulled_over_model() <= 1.2, result.pulled_over_model()
     if row.fanout:  # replica 0 pulls from the trainers, the others from replica 0
         kinds = [[c["source_kind"] for c in rx["cycles"]] for rx in _receivers(result)]
         assert kinds == [["trainer"] * 3, ["replica"] * 3, ["replica"] * 3]

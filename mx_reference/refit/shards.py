@@ -47,7 +47,7 @@ from mx_reference.refit.name_maps import RefitModelConfig, tensor_rules
 from mx_reference.refit.planner import Piece, RefitPlan, TargetLayout
 from mx_reference.refit.receiver import Buffers, CycleTiming, RefitError, RefitReceiver, Source
 from mx_reference.refit.wire import (
-    CHECKSUM_PRIME,
+    CHECKSUM_MASK,
     ShardDescriptor,
     SourceManifest,
     box_checksum,
@@ -379,7 +379,7 @@ def published_checksums(manifests: Sequence[SourceManifest], names: Sequence[str
     for (name, _, _), checksum in shards.items():
         if name not in total:
             raise RefitError(f"{name}: published, but this model has no such tensor")
-        total[name] = (total[name] + checksum) % CHECKSUM_PRIME
+        total[name] = (total[name] + checksum) & CHECKSUM_MASK
     return [total[n] for n in names]
 
 
@@ -513,10 +513,10 @@ class ShardedRefitReceiver(RefitReceiver):
                 starts = [0] * block.dim()
                 starts[axis] = lo
                 got[i] += box_checksum(block, self.global_shapes[name], tuple(starts))
-        got %= CHECKSUM_PRIME  # each entry below 2**31: the sum over ranks stays in int64
+        got &= CHECKSUM_MASK  # each entry below 2**32: the sum over ranks stays in int64
         if self.group is not None:
             self.group.allreduce([got]).wait()
-            got %= CHECKSUM_PRIME
+            got &= CHECKSUM_MASK
         for i, name in enumerate(names):
             if int(got[i]) != expected[i]:
                 raise RefitError(
@@ -536,11 +536,8 @@ class ShardedRefitReceiver(RefitReceiver):
         """This rank's rows minus those of every lower rank of the replica (gathered once)."""
         if self._claims is None:
             names = sorted(self.global_shapes)
-            mine = [
-                (names.index(m), lo, hi)
-                for m, _, rows in self.shard_target.wanted
-                for lo, hi in rows
-            ]
+            ids = {name: i for i, name in enumerate(names)}
+            mine = [(ids[m], lo, hi) for m, _, rows in self.shard_target.wanted for lo, hi in rows]
             encoded = {"rows": torch.tensor(mine, dtype=torch.int64).view(-1, 3)}
             rank = 0 if self.group is None else self.group.rank()
             gathered = all_gather_shards(rank, encoded, self.group)

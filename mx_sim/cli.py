@@ -15,6 +15,7 @@ from pathlib import Path
 
 from mx_sim.bench import BENCH_MODULES
 from mx_sim.commands import SCENARIO_MODULES
+from mx_sim.fixtures import MODEL_BUILDERS
 from mx_sim.refit.faults import FAULTS
 from mx_sim.refit.multiprocess import ENGINES, TRAINERS
 from mx_sim.sim_transport import TRANSPORTS
@@ -84,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--model",
         default=None,
-        help="tiny HF model for a custom refit topology: llama, qwen2, qwen3, mixtral or gpt2",
+        choices=list(MODEL_BUILDERS),
+        help="tiny HF model family for a custom refit topology",
     )
     for side, dims in (("trainer", ("tp", "pp", "ep")), ("inference", ("tp", "pp"))):
         for dim in dims:

@@ -4,8 +4,9 @@ trainer's weights at each version (the oracle every refit is checked against).
 The models are built from small configs with random init, no downloads, so the suite runs
 model code nobody here wrote: Llama-style GQA, Qwen2 (q/k/v biases, optional tied embeddings),
 Qwen3 (q/k norms),
-Mixtral MoE (transformers 5 stores experts fused and stacked) and GPT-2 (tied embeddings,
-Conv1D weights). ``transformers`` is a test-only extra, imported lazily.
+Mixtral MoE (transformers 5 stores experts fused and stacked), Phi-3 (fused q|k|v and gate|up),
+OLMo2 (post-norms, q/k norms), Gemma, Gemma 2 and Gemma 3 (norms before and after each block)
+and GPT-2 (tied embeddings, Conv1D weights). ``transformers`` is a test-only extra, imported lazily.
 """
 
 from __future__ import annotations
@@ -56,6 +57,13 @@ def _decoder_config(spec: TinyModelSpec) -> dict:
     )
 
 
+_IDS = dict(pad_token_id=0, bos_token_id=0, eos_token_id=0)  # inside the tiny vocab
+
+
+def _gemma_config(spec: TinyModelSpec) -> dict:
+    return dict(**_decoder_config(spec), **_IDS, head_dim=spec.hidden_size // spec.num_heads)
+
+
 def _gpt2(spec: TinyModelSpec) -> torch.nn.Module:
     return _hf_model(
         "GPT2Config",
@@ -86,6 +94,11 @@ MODEL_BUILDERS: dict[str, Callable[[TinyModelSpec], torch.nn.Module]] = {
         num_local_experts=s.num_experts,
         num_experts_per_tok=2,
     ),
+    "phi3": lambda s: _hf_model("Phi3Config", "Phi3ForCausalLM", **_decoder_config(s), **_IDS),
+    "olmo2": lambda s: _hf_model("Olmo2Config", "Olmo2ForCausalLM", **_decoder_config(s), **_IDS),
+    "gemma": lambda s: _hf_model("GemmaConfig", "GemmaForCausalLM", **_gemma_config(s)),
+    "gemma2": lambda s: _hf_model("Gemma2Config", "Gemma2ForCausalLM", **_gemma_config(s)),
+    "gemma3": lambda s: _hf_model("Gemma3TextConfig", "Gemma3ForCausalLM", **_gemma_config(s)),
     "gpt2": _gpt2,
 }
 

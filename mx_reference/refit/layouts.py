@@ -347,7 +347,7 @@ def hf_from_rule(
             rest = t.shape[1:]
             return tuple(Regrouped(g, torch.Size((g.shape[0] * g.shape[1], *rest))) for g in groups)
         parts = (torch.cat([g.flatten(0, 1) for g in groups]),)  # HF's fused q|k|v
-    elif rule.style == "gated_mlp_column":
+    elif rule.style == "gated_mlp_column" and len(rule.hf) == 2:
         parts = tuple(t.chunk(2))  # canonical is the TP-1 layout [gate; up]
     else:
         parts = (t,)

@@ -10,7 +10,12 @@ Families:
 
 * ``llama``: Llama, Mistral, Qwen2 (q/k/v biases), Qwen3 (q/k norms), Mixtral and Qwen3-MoE
   (transformers 5 stores experts fused and stacked). Megatron's fused layer norms carry weights
-  only (RMSNorm), fc1 is gated ``[gate; up]``.
+  only (RMSNorm), fc1 is gated ``[gate; up]``. The same table covers Phi-3 (HF stores ``q|k|v``
+  and ``gate|up`` fused: one HF tensor per rule), OLMo2 (norms after attention and MLP instead
+  of before, q/k norms over the whole projection), Gemma (Llama's names; its norm weights are
+  stored as HF keeps them, scaled by ``1 + w`` in the forward) and Gemma 2/3 (a norm before
+  *and* after each block; Gemma 3 adds q/k norms). The post-block norms have no Megatron-Core
+  GPT-layer counterpart: they are named ``post_self_attn_layernorm`` / ``post_mlp_layernorm``.
 * ``gpt2``: learned position embeddings, LayerNorm weights *and* biases, a fused HF ``c_attn``
   (q|k|v along its output), biases on every linear, a plain (not gated) fc1, and Conv1D
   weights stored ``[in, out]`` where Megatron stores ``[out, in]``.
@@ -24,7 +29,23 @@ from dataclasses import astuple, dataclass
 from typing import NamedTuple
 
 EXPERT_LAYOUTS = ("per_expert", "grouped")
-LLAMA_STYLE = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe")
+LLAMA_STYLE = (
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "mixtral",
+    "qwen3_moe",
+    "phi3",
+    "olmo2",
+    "gemma",
+    "gemma2",
+    "gemma3_text",
+)
+NORMS = ("pre", "post", "sandwich")
+# where a decoder layer's norms sit, by model type (the rest: "pre", Llama's)
+_NORMS = {"olmo2": "post", "gemma2": "sandwich", "gemma3_text": "sandwich"}
+_QK_NORM = ("qwen3", "qwen3_moe", "olmo2", "gemma3_text")
 FAMILIES = ("llama", "gpt2")
 LM_HEAD = "lm_head.weight"
 WORD_EMBEDDINGS = "embedding.word_embeddings.weight"
@@ -47,12 +68,16 @@ class RefitModelConfig:
     proj_bias: bool = False  # o_proj bias (Llama / Qwen3 attention_bias)
     mlp_bias: bool = False  # gate, up and down biases (Llama mlp_bias)
     qk_norm: bool = False
+    norms: str = "pre"  # one of NORMS: before each block, after it, or both (sandwich)
+    fused: bool = False  # HF stores q|k|v and gate|up each as one tensor (Phi-3)
     vocab_divisible_by: int = 128
     family: str = "llama"
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
             raise ValueError(f"RefitModelConfig.family {self.family!r} not in {FAMILIES}")
+        if self.norms not in NORMS:
+            raise ValueError(f"RefitModelConfig.norms {self.norms!r} not in {NORMS}")
 
     @classmethod
     def from_hf(cls, config) -> RefitModelConfig:
@@ -102,7 +127,9 @@ class RefitModelConfig:
             qkv_bias=model_type == "qwen2" or attention_bias,
             proj_bias=attention_bias,
             mlp_bias=bool(getattr(config, "mlp_bias", False)),
-            qk_norm=model_type.startswith("qwen3"),
+            qk_norm=model_type in _QK_NORM,
+            norms=_NORMS.get(model_type, "pre"),
+            fused=model_type == "phi3",
         )
 
     def key(self) -> tuple:
@@ -149,6 +176,14 @@ _WHEN = {
     "proj_bias": lambda cfg, layout: cfg.proj_bias,
     "mlp_bias": lambda cfg, layout: cfg.mlp_bias and not cfg.num_experts,
     "qk_norm": lambda cfg, layout: cfg.qk_norm,
+    "pre_attn_norm": lambda cfg, layout: cfg.norms != "post",
+    "post_norms": lambda cfg, layout: cfg.norms != "pre",
+    "pre_mlp_norm": lambda cfg, layout: cfg.norms == "pre" and not cfg.num_experts,
+    "sandwich": lambda cfg, layout: cfg.norms == "sandwich",
+    "split": lambda cfg, layout: not cfg.fused,
+    "fused": lambda cfg, layout: cfg.fused,
+    "dense_split": lambda cfg, layout: not cfg.num_experts and not cfg.fused,
+    "dense_fused": lambda cfg, layout: not cfg.num_experts and cfg.fused,
     "dense": lambda cfg, layout: not cfg.num_experts,
     "moe": lambda cfg, layout: bool(cfg.num_experts),
     "grouped": lambda cfg, layout: bool(cfg.num_experts) and layout == "grouped",
@@ -158,17 +193,22 @@ _WHEN = {
 _QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 _E = LayerEntry
 _LLAMA_LAYER = (
-    _E("self_attention.linear_qkv.layer_norm_weight", "replicated", ("input_layernorm.weight",)),
-    _E("self_attention.linear_qkv.weight", "qkv_column", tuple(f"{p}.weight" for p in _QKV)),
+    _E("self_attention.linear_qkv.layer_norm_weight", "replicated", ("input_layernorm.weight",), when="pre_attn_norm"),
+    _E("self_attention.linear_qkv.weight", "qkv_column", tuple(f"{p}.weight" for p in _QKV), when="split"),
+    _E("self_attention.linear_qkv.weight", "qkv_column", ("self_attn.qkv_proj.weight",), when="fused"),
     _E("self_attention.linear_qkv.bias", "qkv_column", tuple(f"{p}.bias" for p in _QKV), when="qkv_bias"),
     _E("self_attention.q_layernorm.weight", "replicated", ("self_attn.q_norm.weight",), when="qk_norm"),
     _E("self_attention.k_layernorm.weight", "replicated", ("self_attn.k_norm.weight",), when="qk_norm"),
     _E("self_attention.linear_proj.weight", "row", ("self_attn.o_proj.weight",), axis=1),
     # row-parallel biases are added after the reduction: Megatron replicates them
     _E("self_attention.linear_proj.bias", "replicated", ("self_attn.o_proj.bias",), when="proj_bias"),
-    _E("mlp.linear_fc1.layer_norm_weight", "replicated", ("post_attention_layernorm.weight",), when="dense"),
-    _E("mlp.linear_fc1.weight", "gated_mlp_column", ("mlp.gate_proj.weight", "mlp.up_proj.weight"), when="dense"),
+    _E("post_self_attn_layernorm.weight", "replicated", ("post_attention_layernorm.weight",), when="post_norms"),
+    _E("mlp.linear_fc1.layer_norm_weight", "replicated", ("post_attention_layernorm.weight",), when="pre_mlp_norm"),
+    _E("mlp.linear_fc1.layer_norm_weight", "replicated", ("pre_feedforward_layernorm.weight",), when="sandwich"),
+    _E("mlp.linear_fc1.weight", "gated_mlp_column", ("mlp.gate_proj.weight", "mlp.up_proj.weight"), when="dense_split"),
+    _E("mlp.linear_fc1.weight", "gated_mlp_column", ("mlp.gate_up_proj.weight",), when="dense_fused"),
     _E("mlp.linear_fc2.weight", "row", ("mlp.down_proj.weight",), axis=1, when="dense"),
+    _E("post_mlp_layernorm.weight", "replicated", ("post_feedforward_layernorm.weight",), when="post_norms"),
     _E("mlp.linear_fc1.bias", "gated_mlp_column", ("mlp.gate_proj.bias", "mlp.up_proj.bias"), when="mlp_bias"),
     _E("mlp.linear_fc2.bias", "replicated", ("mlp.down_proj.bias",), when="mlp_bias"),
     _E("pre_mlp_layernorm.weight", "replicated", ("post_attention_layernorm.weight",), when="moe"),

@@ -37,6 +37,11 @@ PRELOAD = (
     "transformers.models.qwen3.modeling_qwen3",
     "transformers.models.mixtral.modeling_mixtral",
     "transformers.models.gpt2.modeling_gpt2",
+    "transformers.models.phi3.modeling_phi3",
+    "transformers.models.olmo2.modeling_olmo2",
+    "transformers.models.gemma.modeling_gemma",
+    "transformers.models.gemma2.modeling_gemma2",
+    "transformers.models.gemma3.modeling_gemma3",
     "mx_sim.refit.multiprocess",
 )
 POLL_S = 0.02

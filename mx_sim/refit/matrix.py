@@ -52,6 +52,16 @@ MATRIX: dict[str, MatrixRow] = {
     # must be summed over TP (Megatron's finalize_model_grads), or the ranks' copies drift
     "refit Qwen3 q/k-norm TP2->TP2": MatrixRow(TopologySpec(trainer_tp=2, inference_tp=2), "qwen3"),
     "refit fan-out 1->1->2": MatrixRow(TopologySpec(replicas=3), fanout=True),
+    # one row per family without a Megatron-Core trainer here (HF-split trainer)
+    "refit Phi-3 fused TP2->TP2": MatrixRow(TopologySpec(trainer_tp=2, inference_tp=2), "phi3"),
+    "refit OLMo2 post-norms TP4->TP2": MatrixRow(
+        TopologySpec(trainer_tp=4, inference_tp=2), "olmo2", TinyModelSpec(num_kv_heads=4)
+    ),
+    "refit Gemma TP2->TP1": MatrixRow(TopologySpec(trainer_tp=2), "gemma"),
+    "refit Gemma2 sandwich TP1->TP2": MatrixRow(TopologySpec(inference_tp=2), "gemma2"),
+    "refit Gemma3 q/k-norm TP2->TP4": MatrixRow(
+        TopologySpec(trainer_tp=2, inference_tp=4), "gemma3"
+    ),
 }
 QUICK = ("refit TP2->TP1", "refit TP2->TP4 GQA", "refit EP2->EP1 MoE")
 

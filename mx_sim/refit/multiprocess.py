@@ -132,7 +132,17 @@ class RefitRunResult:
 
 TRAINERS = ("megatron", "hf-split")
 ENGINES = ("hf-tp", "full")
-HF_TP_FAMILIES = ("llama", "qwen2", "qwen3", "mixtral")  # families with a transformers TP plan
+HF_TP_FAMILIES = (
+    "llama",
+    "qwen2",
+    "qwen3",
+    "mixtral",
+    "gemma",
+    "gemma2",
+    "gemma3",
+    "olmo2",
+    "phi3",
+)  # families with a transformers TP plan
 TP_LOGITS_ATOL = 1e-5  # a TP forward sums in another order: 1.5e-7 measured (engines.md)
 
 

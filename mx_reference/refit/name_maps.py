@@ -16,6 +16,9 @@ Families:
   stored as HF keeps them, scaled by ``1 + w`` in the forward) and Gemma 2/3 (a norm before
   *and* after each block; Gemma 3 adds q/k norms). The post-block norms have no Megatron-Core
   GPT-layer counterpart: they are named ``post_self_attn_layernorm`` / ``post_mlp_layernorm``.
+  MoE models may keep dense layers (``dense_layers``) and shared experts (Qwen2-MoE with a
+  gate, DeepSeek); DeepSeek-V3's MLA maps onto Megatron-Core's MLA names
+  (``linear_q_down_proj``, ``linear_q_up_proj``, ``linear_kv_down_proj``, ``linear_kv_up_proj``).
 * ``gpt2``: learned position embeddings, LayerNorm weights *and* biases, a fused HF ``c_attn``
   (q|k|v along its output), biases on every linear, a plain (not gated) fc1, and Conv1D
   weights stored ``[in, out]`` where Megatron stores ``[out, in]``.
@@ -36,6 +39,8 @@ LLAMA_STYLE = (
     "qwen3",
     "mixtral",
     "qwen3_moe",
+    "qwen2_moe",
+    "deepseek_v3",
     "phi3",
     "olmo2",
     "gemma",
@@ -49,6 +54,18 @@ _QK_NORM = ("qwen3", "qwen3_moe", "olmo2", "gemma3_text")
 FAMILIES = ("llama", "gpt2")
 LM_HEAD = "lm_head.weight"
 WORD_EMBEDDINGS = "embedding.word_embeddings.weight"
+
+
+def _dense_layers(config, num_experts: int) -> tuple[int, ...]:
+    """Layers of an MoE model whose MLP is dense: DeepSeek's first ``first_k_dense_replace``,
+    Qwen-MoE's ``mlp_only_layers`` and those ``decoder_sparse_step`` skips."""
+    if not num_experts:
+        return ()
+    layers = range(config.num_hidden_layers)
+    first = getattr(config, "first_k_dense_replace", None) or 0
+    only = set(getattr(config, "mlp_only_layers", None) or ())
+    step = getattr(config, "decoder_sparse_step", None) or 1
+    return tuple(i for i in layers if i < first or i in only or (i + 1) % step)
 
 
 @dataclass(frozen=True)
@@ -70,6 +87,11 @@ class RefitModelConfig:
     qk_norm: bool = False
     norms: str = "pre"  # one of NORMS: before each block, after it, or both (sandwich)
     fused: bool = False  # HF stores q|k|v and gate|up each as one tensor (Phi-3)
+    dense_layers: tuple[int, ...] = ()  # dense-MLP layers of an MoE model
+    shared_experts: str = ""  # HF module of the always-on experts ("shared_expert(s)")
+    shared_gate: bool = False  # a sigmoid gate on the shared expert (Qwen2-MoE)
+    mla: bool = False  # multi-head latent attention (DeepSeek-V2/V3)
+    q_lora: bool = False  # MLA queries through a low-rank q_a/q_b pair
     vocab_divisible_by: int = 128
     family: str = "llama"
 
@@ -102,13 +124,12 @@ class RefitModelConfig:
                 f"model_type {model_type!r}: no Megatron name map "
                 f"(supported: {', '.join(LLAMA_STYLE)}, gpt2)"
             )
-        # refused here, before any rank starts, not after a whole pull
-        dense_layers = getattr(config, "mlp_only_layers", None) or []
-        if dense_layers or getattr(config, "decoder_sparse_step", 1) not in (1, None):
-            raise ValueError(
-                f"model_type {model_type!r}: field 'mlp_only_layers'/'decoder_sparse_step': "
-                "mixed dense and MoE layers are not mapped yet"
-            )
+        num_experts = (
+            getattr(config, "num_local_experts", None)
+            or getattr(config, "num_experts", None)
+            or getattr(config, "n_routed_experts", None)
+            or 0
+        )
         attention_bias = bool(getattr(config, "attention_bias", False))
         return cls(
             num_layers=config.num_hidden_layers,
@@ -121,16 +142,24 @@ class RefitModelConfig:
             or config.intermediate_size,
             vocab_size=config.vocab_size,
             tie_word_embeddings=bool(config.tie_word_embeddings),
-            num_experts=getattr(config, "num_local_experts", None)
-            or getattr(config, "num_experts", None)
-            or 0,
-            qkv_bias=model_type == "qwen2" or attention_bias,
+            num_experts=num_experts,
+            qkv_bias=model_type in ("qwen2", "qwen2_moe") or attention_bias,
             proj_bias=attention_bias,
             mlp_bias=bool(getattr(config, "mlp_bias", False)),
             qk_norm=model_type in _QK_NORM,
             norms=_NORMS.get(model_type, "pre"),
             fused=model_type == "phi3",
+            dense_layers=_dense_layers(config, num_experts),
+            shared_experts={"qwen2_moe": "shared_expert", "deepseek_v3": "shared_experts"}.get(
+                model_type, ""
+            ),
+            shared_gate=model_type == "qwen2_moe",
+            mla=model_type == "deepseek_v3",
+            q_lora=bool(getattr(config, "q_lora_rank", None)),
         )
+
+    def moe_layer(self, i: int) -> bool:
+        return bool(self.num_experts) and i not in self.dense_layers
 
     def key(self) -> tuple:
         """Hashable identity for plan caches."""
@@ -171,23 +200,28 @@ class LayerEntry(NamedTuple):
 
 # Which rows of a table a model has: read off its RefitModelConfig and the expert layout.
 _WHEN = {
-    "always": lambda cfg, layout: True,
-    "qkv_bias": lambda cfg, layout: cfg.qkv_bias,
-    "proj_bias": lambda cfg, layout: cfg.proj_bias,
-    "mlp_bias": lambda cfg, layout: cfg.mlp_bias and not cfg.num_experts,
-    "qk_norm": lambda cfg, layout: cfg.qk_norm,
-    "pre_attn_norm": lambda cfg, layout: cfg.norms != "post",
-    "post_norms": lambda cfg, layout: cfg.norms != "pre",
-    "pre_mlp_norm": lambda cfg, layout: cfg.norms == "pre" and not cfg.num_experts,
-    "sandwich": lambda cfg, layout: cfg.norms == "sandwich",
-    "split": lambda cfg, layout: not cfg.fused,
-    "fused": lambda cfg, layout: cfg.fused,
-    "dense_split": lambda cfg, layout: not cfg.num_experts and not cfg.fused,
-    "dense_fused": lambda cfg, layout: not cfg.num_experts and cfg.fused,
-    "dense": lambda cfg, layout: not cfg.num_experts,
-    "moe": lambda cfg, layout: bool(cfg.num_experts),
-    "grouped": lambda cfg, layout: bool(cfg.num_experts) and layout == "grouped",
-    "experts": lambda cfg, layout: bool(cfg.num_experts) and layout == "per_expert",
+    "always": lambda cfg, layout, i: True,
+    "qkv_bias": lambda cfg, layout, i: cfg.qkv_bias,
+    "proj_bias": lambda cfg, layout, i: cfg.proj_bias,
+    "mlp_bias": lambda cfg, layout, i: cfg.mlp_bias and not cfg.moe_layer(i),
+    "qk_norm": lambda cfg, layout, i: cfg.qk_norm,
+    "pre_attn_norm": lambda cfg, layout, i: cfg.norms != "post" and not cfg.mla,
+    "mla": lambda cfg, layout, i: cfg.mla,
+    "mla_q_lora": lambda cfg, layout, i: cfg.mla and cfg.q_lora,
+    "mla_q": lambda cfg, layout, i: cfg.mla and not cfg.q_lora,
+    "post_norms": lambda cfg, layout, i: cfg.norms != "pre",
+    "pre_mlp_norm": lambda cfg, layout, i: cfg.norms == "pre" and not cfg.moe_layer(i),
+    "sandwich": lambda cfg, layout, i: cfg.norms == "sandwich",
+    "split": lambda cfg, layout, i: not cfg.fused and not cfg.mla,
+    "fused": lambda cfg, layout, i: cfg.fused,
+    "dense_split": lambda cfg, layout, i: not cfg.moe_layer(i) and not cfg.fused,
+    "dense_fused": lambda cfg, layout, i: not cfg.moe_layer(i) and cfg.fused,
+    "dense": lambda cfg, layout, i: not cfg.moe_layer(i),
+    "moe": lambda cfg, layout, i: cfg.moe_layer(i),
+    "shared": lambda cfg, layout, i: cfg.moe_layer(i) and bool(cfg.shared_experts),
+    "shared_gate": lambda cfg, layout, i: cfg.moe_layer(i) and cfg.shared_gate,
+    "grouped": lambda cfg, layout, i: cfg.moe_layer(i) and layout == "grouped",
+    "experts": lambda cfg, layout, i: cfg.moe_layer(i) and layout == "per_expert",
 }
 
 _QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
@@ -199,6 +233,15 @@ _LLAMA_LAYER = (
     _E("self_attention.linear_qkv.bias", "qkv_column", tuple(f"{p}.bias" for p in _QKV), when="qkv_bias"),
     _E("self_attention.q_layernorm.weight", "replicated", ("self_attn.q_norm.weight",), when="qk_norm"),
     _E("self_attention.k_layernorm.weight", "replicated", ("self_attn.k_norm.weight",), when="qk_norm"),
+    # MLA (DeepSeek): low-rank q and kv projections, their norms fused into the up-projections
+    _E("input_layernorm.weight", "replicated", ("input_layernorm.weight",), when="mla"),
+    _E("self_attention.linear_q_down_proj.weight", "replicated", ("self_attn.q_a_proj.weight",), when="mla_q_lora"),
+    _E("self_attention.linear_q_up_proj.layer_norm_weight", "replicated", ("self_attn.q_a_layernorm.weight",), when="mla_q_lora"),
+    _E("self_attention.linear_q_up_proj.weight", "column", ("self_attn.q_b_proj.weight",), when="mla_q_lora"),
+    _E("self_attention.linear_q_proj.weight", "column", ("self_attn.q_proj.weight",), when="mla_q"),
+    _E("self_attention.linear_kv_down_proj.weight", "replicated", ("self_attn.kv_a_proj_with_mqa.weight",), when="mla"),
+    _E("self_attention.linear_kv_up_proj.layer_norm_weight", "replicated", ("self_attn.kv_a_layernorm.weight",), when="mla"),
+    _E("self_attention.linear_kv_up_proj.weight", "column", ("self_attn.kv_b_proj.weight",), when="mla"),
     _E("self_attention.linear_proj.weight", "row", ("self_attn.o_proj.weight",), axis=1),
     # row-parallel biases are added after the reduction: Megatron replicates them
     _E("self_attention.linear_proj.bias", "replicated", ("self_attn.o_proj.bias",), when="proj_bias"),
@@ -217,6 +260,10 @@ _LLAMA_LAYER = (
     _E("mlp.experts.linear_fc2.weight", "expert_row", ("mlp.experts.down_proj",), axis=2, when="grouped"),
     _E("mlp.experts.local_experts.{e}.linear_fc1.weight", "expert_column", ("mlp.experts.gate_up_proj",), when="experts"),
     _E("mlp.experts.local_experts.{e}.linear_fc2.weight", "expert_row", ("mlp.experts.down_proj",), axis=1, when="experts"),
+    # always-on experts beside the routed ones ({s}: the HF module, shared_expert(s))
+    _E("mlp.shared_experts.linear_fc1.weight", "gated_mlp_column", ("mlp.{s}.gate_proj.weight", "mlp.{s}.up_proj.weight"), when="shared"),
+    _E("mlp.shared_experts.linear_fc2.weight", "row", ("mlp.{s}.down_proj.weight",), axis=1, when="shared"),
+    _E("mlp.shared_experts.gate_weight", "replicated", ("mlp.shared_expert_gate.weight",), when="shared_gate"),
 )  # fmt: skip
 
 # Row-parallel biases are added after the reduction, so Megatron replicates them.
@@ -272,9 +319,9 @@ _TABLES = {
 def _layer_rules(table: FamilyTable, cfg: RefitModelConfig, expert_layout: str, i: int):
     m, h = f"decoder.layers.{i}.", table.hf_layer.format(i=i)
     for row in table.layer:
-        if not _WHEN[row.when](cfg, expert_layout):
+        if not _WHEN[row.when](cfg, expert_layout, i):
             continue
-        hf = tuple(h + n for n in row.hf)
+        hf = tuple(h + n.format(s=cfg.shared_experts) for n in row.hf)
         if row.when != "experts":
             yield TensorRule(m + row.megatron, row.style, hf, row.axis, None, row.transpose)
             continue

@@ -225,7 +225,7 @@ class ShardTarget(TargetLayout):
                 inside = 0 <= part.dim < len(full) and 0 <= part.start < part.stop <= full[part.dim]
                 if not inside:
                     raise ValueError(f"{where}: field 'stop': outside the parameter's {full}")
-                part_runs = _part_runs(local_name, part, at, hf[part.hf_name], names, where)
+                part_runs = _part_runs(local_name, part, full, at, hf[part.hf_name], names, where)
                 for run in part_runs:
                     _check_run(run, full, shapes, axes, head_rows)
                 runs += part_runs
@@ -244,27 +244,35 @@ class ShardTarget(TargetLayout):
 
 
 def _part_runs(
-    local: str, part: SlicePart, at: int, numbers: torch.Tensor, names: list[str], where: str
+    local: str,
+    part: SlicePart,
+    shape: tuple[int, ...],
+    at: int,
+    numbers: torch.Tensor,
+    names: list[str],
+    where: str,
 ) -> list[Run]:
-    """The runs of one part placed at local row ``at``. ``numbers`` is the HF parameter's
-    translated row numbers; a parameter that stacks experts (one Megatron tensor each) on
-    dim 0 is cut expert by expert."""
+    """The runs of one part (of a parameter of ``shape``) placed at local row ``at``.
+    ``numbers`` is the parameter's translated row numbers (size 1 along the dims they do not
+    vary on); a parameter that stacks experts (one Megatron tensor each) on dim 0 is cut
+    expert by expert."""
+    whole = part.stop - part.start == shape[part.dim]
     if numbers.dim() == 3 and numbers.shape[0] > 1:
         if part.dim == 0:  # whole experts
             return [
                 run
                 for e in range(part.start, part.stop)
                 for run in _block_runs(
-                    local, at + e - part.start, numbers[e], None, 0, names, where
+                    local, at + e - part.start, numbers[e], None, True, 0, names, where
                 )
             ]
         inner = SlicePart(part.hf_name, part.dim - 1, part.start, part.stop)
         return [
             run
             for e in range(numbers.shape[0])
-            for run in _block_runs(local, e, numbers[e], inner, at, names, where)
+            for run in _block_runs(local, e, numbers[e], inner, whole, at, names, where)
         ]
-    return _block_runs(local, None, numbers, part, at, names, where)
+    return _block_runs(local, None, numbers, part, whole, at, names, where)
 
 
 def _block_runs(
@@ -272,14 +280,14 @@ def _block_runs(
     expert: int | None,
     block: torch.Tensor,
     part: SlicePart | None,
+    whole: bool,
     at: int,
     names: list[str],
     where: str,
 ) -> list[Run]:
     """Runs of one Megatron tensor's HF image ``block`` (its row numbers vary along one dim,
-    the shard axis) cut by ``part`` (``None``: whole)."""
+    the shard axis) cut by ``part`` (``None``, or ``whole``: all of it)."""
     (axis,) = [d for d in range(block.dim()) if block.shape[d] > 1] or [0]
-    whole = part is None or (part.start, part.stop) == (0, block.shape[part.dim])
     if part is not None and part.dim != axis and not whole:
         raise ValueError(
             f"{where}: field 'dim': the sources split this parameter along dim "

@@ -62,6 +62,11 @@ MATRIX: dict[str, MatrixRow] = {
     "refit Gemma3 q/k-norm TP2->TP4": MatrixRow(
         TopologySpec(trainer_tp=2, inference_tp=4), "gemma3"
     ),
+    "refit DeepSeek-V3 MLA TP2->TP2": MatrixRow(
+        TopologySpec(trainer_tp=2, inference_tp=2), "deepseek_v3"
+    ),
+    "refit Qwen2-MoE shared expert TP1->TP2": MatrixRow(TopologySpec(inference_tp=2), "qwen2_moe"),
+    "refit Qwen3-MoE mixed dense EP2->TP1": MatrixRow(TopologySpec(trainer_ep=2), "qwen3_moe"),
 }
 QUICK = ("refit TP2->TP1", "refit TP2->TP4 GQA", "refit EP2->EP1 MoE")
 

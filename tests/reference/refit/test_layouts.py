@@ -234,12 +234,17 @@ def test_llama_with_attention_and_mlp_biases_round_trips(src_tp, dst_tp):
     assert all(torch.equal(out[n], hf[n]) for n in hf)
 
 
-def test_mixed_dense_and_moe_layers_are_refused_in_from_hf():
+def test_mixed_dense_and_moe_layers_map_each_layer_by_its_kind():
     import transformers
 
-    for config in (
-        transformers.Qwen3MoeConfig(mlp_only_layers=[0]),
-        transformers.Qwen3MoeConfig(decoder_sparse_step=2),
+    for config, dense in (
+        (transformers.Qwen3MoeConfig(mlp_only_layers=[0], num_hidden_layers=3), (0,)),
+        (transformers.Qwen3MoeConfig(decoder_sparse_step=2, num_hidden_layers=4), (0, 2)),
+        (transformers.DeepseekV3Config(first_k_dense_replace=2, num_hidden_layers=3), (0, 1)),
     ):
-        with pytest.raises(ValueError, match="mixed dense and MoE layers are not mapped yet"):
-            RefitModelConfig.from_hf(config)
+        cfg = RefitModelConfig.from_hf(config)
+        assert cfg.dense_layers == dense
+        names = megatron_name_map(cfg)
+        for i in range(config.num_hidden_layers):
+            assert (f"decoder.layers.{i}.mlp.linear_fc1.weight" in names) == (i in dense)
+            assert (f"decoder.layers.{i}.mlp.router.weight" in names) == (i not in dense)

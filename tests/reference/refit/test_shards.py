@@ -140,6 +140,18 @@ def test_bad_layouts_name_the_tensor_and_field():
             ShardTarget.build(layout, shapes, meta, cfg, position=TargetLayout())
 
 
+def test_a_whole_parameter_may_be_declared_along_any_dim():
+    model = build_tiny_model("llama", TinyModelSpec())
+    meta, cfg = hf_meta(model), RefitModelConfig.from_hf(model.config)
+    o = "model.layers.0.self_attn.o_proj.weight"  # row-parallel: its rows vary along dim 1
+    for dim in (0, 1):
+        target = ShardTarget.build(
+            {o: (SlicePart(o, dim, 0, 64),)}, {o: (64, 64)}, meta, cfg, position=TargetLayout()
+        )
+        proj = "decoder.layers.0.self_attention.linear_proj.weight"
+        assert target.rows()[proj] == (1, ((0, 64),))
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     outer=st.integers(1, 4),

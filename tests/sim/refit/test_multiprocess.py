@@ -61,8 +61,11 @@ def test_ci_matrix_three_cycles_bit_exact(name):
         assert cold["registrations"] >= 1
         assert all(c["registrations"] == 0 and c["bytes_allocated"] == 0 for c in warm)
     assert result.bytes_moved > 0
-    if engine == "hf-tp":  # the replica pulls the model about once (repeated KV heads more)
-        assert 1.0 <= result.pulled_over_model() <= 1.2, result.pulled_over_model()
+    if engine == "hf-tp":  # the replica pulls every byte, and less than T copies of the model
+        ratio = result.pulled_over_model()
+        assert 1.0 <= ratio < row.spec.inference_tp, ratio
+        if row.kind in ("llama", "qwen2", "qwen3"):  # everything sharded but norms and KV
+            assert ratio <= 1.2, ratio
     if row.fanout:  # replica 0 pulls from the trainers, the others from replica 0
         kinds = [[c["source_kind"] for c in rx["cycles"]] for rx in _receivers(result)]
         assert kinds == [["trainer"] * 3, ["replica"] * 3, ["replica"] * 3]

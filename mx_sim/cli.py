@@ -103,6 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
         run.add_argument(
             f"--{flag}", type=_positive, default=None, help=f"tiny model {flag} (default {default})"
         )
+    run.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default=None,
+        help="tiny model parameter dtype (default float32; bfloat16 runs the HF-split trainer)",
+    )
     run.add_argument("--cycles", type=_positive, default=3, help="refit cycles per scenario")
     run.add_argument(
         "--trainer",

@@ -21,7 +21,7 @@ import torch
 from mx_reference.refit.apply import model_parameters
 from mx_reference.refit.layouts import megatron_shards_from_hf
 from mx_reference.refit.name_maps import RefitModelConfig
-from mx_reference.refit.wire import ShardDescriptor
+from mx_reference.refit.wire import DTYPES, ShardDescriptor
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,7 @@ class TinyModelSpec:
     num_kv_heads: int = 2
     num_experts: int = 4
     tie_word_embeddings: bool = False
+    dtype: str = "float32"  # or "bfloat16": parameters, publisher shards and receivers alike
 
 
 def _hf_model(config_class: str, model_class: str, **config) -> torch.nn.Module:
@@ -154,7 +155,7 @@ def build_tiny_model(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = MODEL_BUILDERS[kind](spec)
-    return model.eval()
+    return model.to(DTYPES[spec.dtype]).eval()
 
 
 def fixed_prompt(vocab_size: int, length: int = 8) -> torch.Tensor:

@@ -57,7 +57,7 @@ def init_replica_group(store: dist.Store, replica: int, rank: int, size: int, ti
 
 
 def load_tp_model(checkpoint: Path, tp_size: int) -> torch.nn.Module:
-    """``from_pretrained`` under ``DistributedConfig(tp_size)`` with eager attention (SDPA's
+    """``from_pretrained`` (the checkpoint's dtype) under ``DistributedConfig(tp_size)`` with eager attention (SDPA's
     GQA path would hide a wrong KV group count), storages compacted, KV heads repeated when
     ``tp_size`` exceeds them."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -70,7 +70,7 @@ def load_tp_model(checkpoint: Path, tp_size: int) -> torch.nn.Module:
         plan = {f"model.layers.*.self_attn.{p}_proj": "replicate" for p in "kv"}
     model = AutoModelForCausalLM.from_pretrained(
         checkpoint,
-        dtype=torch.float32,
+        dtype="auto",  # the checkpoint's own
         distributed_config=DistributedConfig(tp_size=tp_size, tp_plan=plan),
         attn_implementation="eager",
     )

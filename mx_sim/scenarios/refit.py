@@ -33,7 +33,7 @@ from mx_sim.report import REFIT_PHASES, ScenarioResult
 
 PHASES = (*REFIT_PHASES, "total")
 # the tiny model's sizes the CLI may set (TinyModelSpec fields)
-SIZE_KEYS = ("num_heads", "num_kv_heads", "vocab_size", "num_layers")
+SIZE_KEYS = ("num_heads", "num_kv_heads", "vocab_size", "num_layers", "dtype")
 CUSTOM_KEYS = ("model", *(f.name for f in fields(TopologySpec)), *SIZE_KEYS)
 OPTION_KEYS = ("transport", "cycles", "fault", "trainer", "engine", *CUSTOM_KEYS)
 
@@ -54,7 +54,8 @@ def to_scenario(name: str, result: RefitRunResult, cycles: int = 3) -> ScenarioR
     if result.trainer == "megatron":
         logits = f"logits within 1e-05 of Megatron-Core's (max {result.logits_max_abs():.2g})"
     elif result.engine == "hf-tp":
-        logits = f"TP logits within 1e-05 (max {result.logits_max_abs():.2g})"
+        atol = max(r.get("logits_atol", 0.0) for r in result.ranks)
+        logits = f"TP logits within {atol:g} (max {result.logits_max_abs():.2g})"
     else:
         logits = "bit-exact logits"
     if result.engine == "hf-tp":
@@ -154,7 +155,8 @@ def run(out_dir: Path, quick: bool, options: dict | None = None) -> list[Scenari
             out_dir=out_dir,
             model_spec=row.model_spec,
             fanout=row.fanout,
-            trainer=options.get("trainer") or default_trainer(row.spec, row.kind),
+            trainer=options.get("trainer")
+            or default_trainer(row.spec, row.kind, row.model_spec or TinyModelSpec()),
             engine=options.get("engine"),
         )
         rows.append(to_scenario(name, result, cycles))

@@ -248,3 +248,34 @@ def test_cli_model_sizes_let_an_eight_rank_llama_trainer_run(tmp_path):
     assert cli.main(argv) == 0
     (row,) = json.loads((out / "report.json").read_text())["scenarios"]
     assert row["name"] == "refit PP2xTP4->TP2 llama" and row["passed"], row
+
+
+@pytest.mark.timeout(120)
+def test_cli_bf16_row_is_sharded_and_within_the_bf16_tolerance(tmp_path):
+    out = tmp_path / "out"
+    argv = ["run", "--scenarios", "refit", "--model", "qwen3", "--dtype", "bfloat16"]
+    assert cli.main([*argv, "--trainer-tp", "2", "--inference-tp", "2", "--out", str(out)]) == 0
+    (row,) = json.loads((out / "report.json").read_text())["scenarios"]
+    assert row["passed"] and "TP logits within 0.05" in row["detail"], row["detail"]
+    # bf16: half the bytes of the fp32 rows of the same shapes
+    assert row["bytes_moved"] == 3 * 2 * 78592, row["bytes_moved"]
+
+
+def test_megatron_with_bf16_is_one_line_before_any_spawn(capsys):
+    rc = cli.main(
+        [
+            "run",
+            "--scenarios",
+            "refit",
+            "--trainer",
+            "megatron",
+            "--dtype",
+            "bfloat16",
+            "--out",
+            "x",
+        ]
+    )
+    err = capsys.readouterr().err
+    if not megatron_available():
+        pytest.skip("megatron-core not installed")
+    assert rc == 2 and "runs float32 here" in err and err.count("\n") == 1, err

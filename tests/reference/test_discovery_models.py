@@ -21,7 +21,7 @@ from mx_reference.discovery import (
     find_hidden_accel_tensors,
 )
 from mx_sim.cpu_mock import CpuMockBackend
-from mx_sim.fixtures import build_tiny_model
+from mx_sim.fixtures import MODEL_BUILDERS, build_tiny_model
 from mx_sim.scenarios import discovery as scenario
 from mx_sim.scenarios.discovery import (
     SyntheticConfig,
@@ -229,11 +229,7 @@ def test_scenario_passes_and_reports_counts(tmp_path):
     results = scenario.run(tmp_path, quick=True)
     assert [r.name for r in results] == [
         "discovery/synthetic",
-        "discovery/llama",
-        "discovery/qwen2",
-        "discovery/qwen3",
-        "discovery/mixtral",
-        "discovery/gpt2",
+        *(f"discovery/{kind}" for kind in MODEL_BUILDERS),  # every tiny family
     ]
     assert all(r.passed for r in results), [r.detail for r in results]
     assert (

@@ -19,6 +19,7 @@ from bisect import bisect_right
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import product
 from typing import NamedTuple
 
 import torch
@@ -109,6 +110,35 @@ def box_bytes(shape: Sequence[int], starts: Sequence[int], sizes: Sequence[int],
         offset = offset * shape[j] + starts[j]
         length *= sizes[j]
     return offset * itemsize, length
+
+
+def piece_spans(
+    p: Piece, src_shape: Sequence[int], dst_shape: Sequence[int], itemsize: int
+) -> list[tuple[int, int, int]]:
+    """``(src offset, dst offset, length)`` in bytes of the contiguous spans that make piece
+    ``p``: one span when both boxes are contiguous, else one per index of the dims before the
+    shard axis (a row-parallel piece: one span per row)."""
+    if p.src_bytes is not None and p.dst_bytes is not None:
+        return [(p.src_bytes[0], p.dst_bytes[0], p.src_bytes[1])]
+    axis = p.axis
+    starts_s, starts_d = [0] * len(src_shape), [0] * len(dst_shape)
+    starts_s[axis], starts_d[axis] = p.src_rows[0], p.dst_rows[0]
+    outer = list(src_shape[:axis])
+    if p.src_experts is not None and p.dst_experts is not None:
+        starts_s[0], starts_d[0] = p.src_experts[0], p.dst_experts[0]
+        outer[0] = p.src_experts[1] - p.src_experts[0]
+    inner = (p.src_rows[1] - p.src_rows[0]) * math.prod(src_shape[axis + 1 :]) * itemsize
+
+    def offset(shape, starts, index) -> int:
+        flat = 0
+        for d, n in enumerate(shape):
+            flat = flat * n + starts[d] + (index[d] if d < axis else 0)
+        return flat * itemsize
+
+    return [
+        (offset(src_shape, starts_s, i), offset(dst_shape, starts_d, i), inner)
+        for i in product(*(range(n) for n in outer))
+    ]
 
 
 def merge_adjacent(pieces: Sequence[Piece]) -> list[Piece]:

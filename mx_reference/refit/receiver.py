@@ -61,7 +61,14 @@ from mx_reference.refit.layouts import (
     megatron_name_map,
     shard_pieces,
 )
-from mx_reference.refit.planner import PlanCache, RefitPlan, TargetLayout
+from mx_reference.refit.planner import (
+    Piece,
+    PlanCache,
+    RefitPlan,
+    TargetLayout,
+    TensorPlan,
+    piece_spans,
+)
 from mx_reference.refit.registry import VersionRegistry
 from mx_reference.refit.wire import (
     ShardDescriptor,
@@ -335,7 +342,7 @@ class RefitReceiver:
                 ((p.src_rank, t.name), by_rank[p.src_rank][t.name].local_shape, t.dtype)
                 for t in owned
                 for p in t.pieces
-                if not p.direct
+                if self._via_scratch(p, t)
             },
             key=lambda e: e[0],
         )
@@ -345,8 +352,10 @@ class RefitReceiver:
         )
 
     def pull(self, plan: RefitPlan, manifests: Sequence[SourceManifest], buffers: Buffers) -> int:
-        """One READ per source: direct pieces land in their destination views, strided ones
-        read their whole source shard into scratch once. Returns the bytes pulled."""
+        """One READ per source: direct pieces land in their destination views; a strided
+        piece either reads its whole source shard into scratch once (``_via_scratch``), or
+        its contiguous spans straight into the destination (one per row of a row-parallel
+        piece: exactly its bytes, at a descriptor each). Returns the bytes pulled."""
         pairs: dict[int, list[tuple[MemDesc, RemoteDesc]]] = {}
         whole: set[tuple[int, str]] = set()
         sources = {m.rank: Source(m, self._agent(m)) for m in manifests}
@@ -357,13 +366,12 @@ class RefitReceiver:
             dview = buffers.dest.views[name]
             for p in t.pieces:
                 src = sources[p.src_rank]
-                if p.direct:
-                    assert p.src_bytes is not None and p.dst_bytes is not None
-                    offset, length = p.src_bytes
-                    local = MemDesc(dview.data_ptr() + p.dst_bytes[0], length)
-                    pairs.setdefault(p.src_rank, []).append(
-                        (local, src.remote(name, offset, length))
-                    )
+                if not self._via_scratch(p, t):
+                    shape, size = src.shards[name].local_shape, t.spec.element_size
+                    for s_off, d_off, n in piece_spans(p, shape, t.dst_shape, size):
+                        pairs.setdefault(p.src_rank, []).append(
+                            (MemDesc(dview.data_ptr() + d_off, n), src.remote(name, s_off, n))
+                        )
                 elif (p.src_rank, name) not in whole:
                     assert buffers.scratch is not None
                     whole.add((p.src_rank, name))
@@ -396,7 +404,7 @@ class RefitReceiver:
             assert buffers.dest is not None
             dview = buffers.dest.views[name]
             for p in t.pieces:
-                if not p.direct:
+                if self._via_scratch(p, t):
                     assert buffers.scratch is not None
                     p.dst_view(dview).copy_(p.src_view(buffers.scratch.views[(p.src_rank, name)]))
             out[name] = dview
@@ -459,6 +467,11 @@ class RefitReceiver:
         apply_in_place(self.params, tensors)
 
     # -- private steps ---------------------------------------------------------------------
+
+    def _via_scratch(self, p: Piece, t: TensorPlan) -> bool:
+        """A strided piece is read whole into scratch here: few large reads (one per source
+        shard) beat one descriptor per row. A sharded receiver pulls spans instead."""
+        return not p.direct
 
     @contextlib.contextmanager
     def _arenas_released_on_failure(self) -> Iterator[None]:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from itertools import product
 from typing import Any
 
 import torch
@@ -44,15 +43,14 @@ from mx_reference.refit.layouts import (
     hf_meta,
 )
 from mx_reference.refit.name_maps import RefitModelConfig, tensor_rules
-from mx_reference.refit.planner import Piece, RefitPlan, TargetLayout
-from mx_reference.refit.receiver import Buffers, CycleTiming, RefitError, RefitReceiver, Source
+from mx_reference.refit.planner import Piece, RefitPlan, TargetLayout, TensorPlan
+from mx_reference.refit.receiver import RefitError, RefitReceiver
 from mx_reference.refit.wire import (
     CHECKSUM_MASK,
     ShardDescriptor,
     SourceManifest,
     box_checksum,
 )
-from mx_reference.transport.base import MemDesc, RemoteDesc
 
 Rows = tuple[tuple[int, int], ...]
 
@@ -391,36 +389,6 @@ def published_checksums(manifests: Sequence[SourceManifest], names: Sequence[str
     return [total[n] for n in names]
 
 
-# ---- pulling a piece as contiguous spans ---------------------------------------------------------
-
-
-def piece_spans(
-    p: Piece, src_shape: Sequence[int], dst_shape: Sequence[int], itemsize: int
-) -> list[tuple[int, int, int]]:
-    """``(src offset, dst offset, length)`` in bytes of the contiguous spans that make piece
-    ``p``: one span when both boxes are contiguous, else one per index of the dims before the
-    shard axis (a row-parallel piece: one span per row)."""
-    axis = p.axis
-    starts_s, starts_d = [0] * len(src_shape), [0] * len(dst_shape)
-    starts_s[axis], starts_d[axis] = p.src_rows[0], p.dst_rows[0]
-    outer = list(src_shape[:axis])
-    if p.src_experts is not None and p.dst_experts is not None:
-        starts_s[0], starts_d[0] = p.src_experts[0], p.dst_experts[0]
-        outer[0] = p.src_experts[1] - p.src_experts[0]
-    inner = (p.src_rows[1] - p.src_rows[0]) * math.prod(src_shape[axis + 1 :]) * itemsize
-
-    def offset(shape, starts, index) -> int:
-        flat = 0
-        for d, n in enumerate(shape):
-            flat = flat * n + starts[d] + (index[d] if d < axis else 0)
-        return flat * itemsize
-
-    return [
-        (offset(src_shape, starts_s, i), offset(dst_shape, starts_d, i), inner)
-        for i in product(*(range(n) for n in outer))
-    ]
-
-
 # ---- the receiver ---------------------------------------------------------------------------------
 
 
@@ -431,7 +399,9 @@ class ShardedRefitReceiver(RefitReceiver):
     :func:`dtensor_layout` reads off ``model``; an engine without DTensors passes both, and
     ``meta`` (its full HF parameters as meta tensors, e.g. from the HF model built on the meta
     device) when ``model`` does not carry HF names. ``group`` is the replica; together its
-    ranks must hold every published tensor. Warm cycles register and allocate nothing.
+    ranks must hold every published tensor. Strided pieces are pulled as exact spans, or, when
+    a span is shorter than ``min_span_bytes``, as their whole source shard into scratch (fewer
+    descriptors, more bytes). Warm cycles register and allocate nothing.
     """
 
     def __init__(
@@ -441,8 +411,10 @@ class ShardedRefitReceiver(RefitReceiver):
         layout: LocalLayout | None = None,
         local: Mapping[str, torch.Tensor] | None = None,
         meta: Mapping[str, torch.Tensor] | None = None,
+        min_span_bytes: int = 0,
         **kw: Any,
     ):
+        self.min_span_bytes = min_span_bytes
         if layout is None or local is None:
             local, layout = dtensor_layout(model)
         meta = hf_meta(model) if meta is None else meta
@@ -462,33 +434,15 @@ class ShardedRefitReceiver(RefitReceiver):
 
     # -- the seams, sharded -------------------------------------------------------------------
 
-    def allocate(
-        self, plan: RefitPlan, manifests: Sequence[SourceManifest], timing: CycleTiming
-    ) -> Buffers:
-        """Only a destination arena: strided pieces are pulled as spans, so no scratch."""
-        dest = [(t.name, t.dst_shape, t.dtype) for t in plan.tensors.values()]
-        return Buffers(self.buffers.get(("dest", tuple(dest)), dest, timing), None)
-
-    def pull(self, plan: RefitPlan, manifests: Sequence[SourceManifest], buffers: Buffers) -> int:
-        """One READ per source, every piece as its contiguous spans: the bytes pulled are
-        exactly this rank's rows."""
-        assert buffers.dest is not None
-        sources = {m.rank: Source(m, self._agent(m)) for m in manifests}
-        pairs: dict[int, list[tuple[MemDesc, RemoteDesc]]] = {}
-        for name, t in plan.tensors.items():
-            base = buffers.dest.views[name].data_ptr()
-            for p in t.pieces:
-                src = sources[p.src_rank]
-                shape, size = src.shards[name].local_shape, t.spec.element_size
-                for s_off, d_off, n in piece_spans(p, shape, t.dst_shape, size):
-                    pairs.setdefault(p.src_rank, []).append(
-                        (MemDesc(base + d_off, n), src.remote(name, s_off, n))
-                    )
-        return self._read(pairs)
-
-    def assemble(self, plan: RefitPlan, buffers: Buffers) -> dict[str, torch.Tensor]:
-        assert buffers.dest is not None
-        return {name: buffers.dest.views[name] for name in plan.tensors}
+    def _via_scratch(self, p: Piece, t: TensorPlan) -> bool:
+        """Strided pieces are pulled as their contiguous spans: a rank pulls exactly its
+        shard bytes, at one descriptor per row of a row-parallel piece, unless those spans
+        are shorter than ``min_span_bytes`` (then the whole source shard goes to scratch)."""
+        if p.direct or not self.min_span_bytes:
+            return False
+        src_cols = p.src_rows[1] - p.src_rows[0]
+        row = src_cols * math.prod(t.dst_shape[p.axis + 1 :]) * t.spec.element_size
+        return row < self.min_span_bytes
 
     def translate(self, canonical: Mapping[str, torch.Tensor]) -> dict[str, Staged]:
         """Each local tensor as runs out of the pulled rows: ``canonical`` holds, per Megatron

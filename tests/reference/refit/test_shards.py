@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 
 from mx_reference.refit.layouts import hf_meta, megatron_shards_from_hf, qkv_segments
 from mx_reference.refit.name_maps import RefitModelConfig
-from mx_reference.refit.planner import Piece, TargetLayout
-from mx_reference.refit.shards import ShardTarget, SlicePart, chunk_range, piece_spans
+from mx_reference.refit.planner import Piece, TargetLayout, piece_spans
+from mx_reference.refit.shards import ShardTarget, SlicePart, chunk_range
 from mx_reference.refit.wire import CHECKSUM_MASK, box_checksum, shard_checksum
 from mx_sim.conformance.sharded_adapter import vllm_layout
 from mx_sim.fixtures import TinyModelSpec, build_tiny_model
@@ -173,3 +173,44 @@ def test_piece_spans_copy_exactly_the_piece(outer, src_cols, data):
         dst_bytes[d : d + n] = src_bytes[s : s + n]
     assert torch.equal(dst, want)
     assert sum(n for _, _, n in spans) == outer * (hi - lo) * 4  # no byte beyond the piece
+
+
+@pytest.mark.timeout(60)
+def test_short_spans_go_through_scratch_with_the_same_values():
+    from mx_reference.refit.shards import ShardedRefitReceiver
+    from mx_sim.conformance.sharded_adapter import cut, vllm_layout
+    from mx_sim.fixtures import version_model
+    from mx_sim.refit.rig import RefitRig, Replica, RigConfig
+
+    spec, tp = TinyModelSpec(num_kv_heads=4), 4
+    with RefitRig(RigConfig("llama", spec, trainer_tp=2)) as rig, Replica(tp) as replica:
+        full = version_model("llama", spec, 0)
+        params = {n: p.detach() for n, p in full.named_parameters()}
+        layouts = [
+            vllm_layout(dict(full.named_parameters()), full.config, tp, r) for r in range(tp)
+        ]
+        locals_ = [{n: cut(params, ps).clone() for n, ps in lay.items()} for lay in layouts]
+        receivers = replica.map(
+            lambda r: rig.new_receiver(
+                full,
+                make=ShardedRefitReceiver,
+                target=TargetLayout(tp_size=tp, tp_rank=r),
+                group=replica.groups[r],
+                layout=layouts[r],
+                local=locals_[r],
+                backend=rig.backend,
+                min_span_bytes=1 << 20,  # every strided piece: whole source shard to scratch
+            )
+        )
+        for v in (1, 2):
+            rig.publish(v)
+            timings = replica.map(lambda r: receivers[r].refit(v))  # noqa: B023
+            want = rig.weights.params(v)
+            for r in range(tp):
+                held = sum(t.numel() * t.element_size() for t in locals_[r].values())
+                assert timings[r].bytes_pulled > held  # row-parallel shards pulled whole
+                assert (timings[r].registrations, timings[r].bytes_allocated == 0) == (
+                    (2, False) if v == 1 else (0, True)  # dest + scratch arenas, then none
+                )
+                for n, parts in layouts[r].items():
+                    assert torch.equal(locals_[r][n], cut(want, parts)), (v, r, n)

@@ -10,6 +10,8 @@ The parts, in the order a weight travels (each module is one concern):
   source shard land where (coverage proven before any byte moves).
 * :mod:`~mx_reference.refit.receiver`: ``RefitReceiver``, one cycle (discover, plan, pull,
   translate, verify, apply) into a live model.
+* :mod:`~mx_reference.refit.shards`: ``ShardedRefitReceiver``, the same cycle into an engine
+  whose ranks hold only their shard (layout from DTensor placements or declared slices).
 * :mod:`~mx_reference.refit.wire`: descriptors, manifests, endpoint, digest, alignment.
 * :mod:`~mx_reference.refit.layouts` and :mod:`~mx_reference.refit.name_maps`: Megatron <-> HF.
 * :mod:`~mx_reference.refit.apply`: the atomic in-place apply.

@@ -222,7 +222,9 @@ class RefitReceiver:
     this rank pulls (an inference PP stage); by default all. ``directory`` lists replica
     sources besides the trainers (:class:`~mx_reference.refit.replicas.ReplicaDirectory`).
     ``post_load(model)`` runs once per apply (FP8 re-quantization, fused-layout rebuilds) and
-    must tolerate running every cycle.
+    must tolerate running every cycle. ``meta`` is the model's full HF parameters as meta
+    tensors, for a model that does not carry them itself (a sharded engine,
+    :class:`~mx_reference.refit.shards.ShardedRefitReceiver`); by default read off ``model``.
     """
 
     def __init__(

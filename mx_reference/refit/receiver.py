@@ -360,7 +360,7 @@ class RefitReceiver:
         piece: exactly its bytes, at a descriptor each). Returns the bytes pulled."""
         pairs: dict[int, list[tuple[MemDesc, RemoteDesc]]] = {}
         whole: set[tuple[int, str]] = set()
-        sources = {m.rank: Source(m, self._agent(m)) for m in manifests}
+        sources = {m.rank: _Source(m, self._agent(m)) for m in manifests}
         for name, t in plan.tensors.items():
             if not self.owns(name):
                 continue
@@ -380,10 +380,6 @@ class RefitReceiver:
                     nbytes = src.shards[name].nbytes
                     local = MemDesc(buffers.scratch.views[(p.src_rank, name)].data_ptr(), nbytes)
                     pairs.setdefault(p.src_rank, []).append((local, src.remote(name, 0, nbytes)))
-        return self._read(pairs)
-
-    def _read(self, pairs: Mapping[int, list[tuple[MemDesc, RemoteDesc]]]) -> int:
-        """Post one coalesced READ per source rank, wait for all; returns the bytes read."""
         handles = []
         try:
             for rank in sorted(pairs):
@@ -552,7 +548,7 @@ class RefitReceiver:
         return self._remotes[endpoint.source_id][1]
 
 
-class Source:
+class _Source:
     """One source rank of a cycle: its shards by name and where its arena lies."""
 
     def __init__(self, manifest: SourceManifest, agent: str):

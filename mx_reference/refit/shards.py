@@ -26,6 +26,7 @@ proves it holds together exactly the published bytes, each row counted by its lo
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -169,11 +170,13 @@ class ShardTarget(TargetLayout):
     wanted: tuple[tuple[str, int, Rows], ...] = ()  # megatron name, shard axis, global rows
     runs: tuple[Run, ...] = field(default=(), compare=False, hash=False)
 
-    def rows(self) -> dict[str, tuple[int, Rows]]:
+    @functools.cached_property
+    def by_name(self) -> dict[str, tuple[int, Rows]]:
+        """``wanted`` by Megatron name: (shard axis, rows); built once, read per tensor."""
         return {name: (axis, rows) for name, axis, rows in self.wanted}
 
     def segments(self, spec: ShardDescriptor) -> list[tuple[int, int]]:
-        axis, rows = self.rows()[spec.name]
+        axis, rows = self.by_name[spec.name]
         if spec.shard_axis != axis:
             raise ValueError(
                 f"the engine holds rows along axis {axis}, the sources split axis {spec.shard_axis}"
@@ -428,7 +431,7 @@ class ShardedRefitReceiver(RefitReceiver):
             position=self.target,
             expert_layout=self.config.expert_layout,
         )
-        rows = self.shard_target.rows()
+        rows = self.shard_target.by_name
         self.plans.expected = {m: d for m, d in (self.plans.expected or {}).items() if m in rows}
         self._claims: dict[str, Rows] | None = None
 
@@ -447,7 +450,7 @@ class ShardedRefitReceiver(RefitReceiver):
     def translate(self, canonical: Mapping[str, torch.Tensor]) -> dict[str, Staged]:
         """Each local tensor as runs out of the pulled rows: ``canonical`` holds, per Megatron
         tensor, this rank's wanted rows in order (views; apply makes the copies)."""
-        rows = self.shard_target.rows()
+        rows = self.shard_target.by_name
         runs: dict[str, list[tuple[int | None, int, int, torch.Tensor]]] = {}
         for run in self.shard_target.runs:
             axis, wanted = rows[run.megatron]
@@ -466,7 +469,7 @@ class ShardedRefitReceiver(RefitReceiver):
         what the publishers announced: one all-reduce of one number per tensor."""
         names = sorted(self.global_shapes)
         expected = published_checksums(manifests, names)
-        rows = self.shard_target.rows()
+        rows = self.shard_target.by_name
         got = torch.zeros(len(names), dtype=torch.int64)
         for i, name in enumerate(names):
             for lo, hi in self._claimed().get(name, ()):

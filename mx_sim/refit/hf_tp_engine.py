@@ -138,7 +138,9 @@ def engine_layout(
             if KV_PROJ.match(name):
                 lo, hi = kv_head_rows(model.config, tp_size, dist.get_rank())
                 layout[name] = (SlicePart(name, 0, lo, hi),)
-                meta[name] = torch.empty((g * (hi - lo), *t.shape[1:]), device="meta")
+                meta[name] = torch.empty(
+                    (g * (hi - lo), *t.shape[1:]), dtype=t.dtype, device="meta"
+                )
     return local, layout, meta
 
 

@@ -96,7 +96,7 @@ def test_a_vllm_rank_wants_megatrons_own_qkv_and_fc1_slices(tp, groups):
     spec = TinyModelSpec(num_kv_heads=groups)
     for rank in range(tp):
         target, _ = _target("llama", spec, tp, rank)
-        rows = target.rows()
+        rows = target.by_name
         qkv = rows["decoder.layers.0.self_attention.linear_qkv.weight"][1]
         extent = (4 + 2 * groups) * 16
         want = qkv_segments(extent, tp, rank, num_heads=4, num_kv_heads=groups)
@@ -116,7 +116,7 @@ def test_a_stacked_expert_parameter_is_cut_expert_by_expert():
     target = ShardTarget.build(
         layout, {gate_up: (4, 96, 64)}, meta, cfg, position=TargetLayout(tp_size=2, tp_rank=1)
     )
-    rows = target.rows()
+    rows = target.by_name
     for e in range(4):
         fc1 = rows[f"decoder.layers.0.mlp.experts.local_experts.{e}.linear_fc1.weight"][1]
         assert list(fc1) == [(48, 96), (144, 192)]  # rank 1's gate rows, then its up rows
@@ -149,7 +149,7 @@ def test_a_whole_parameter_may_be_declared_along_any_dim():
             {o: (SlicePart(o, dim, 0, 64),)}, {o: (64, 64)}, meta, cfg, position=TargetLayout()
         )
         proj = "decoder.layers.0.self_attention.linear_proj.weight"
-        assert target.rows()[proj] == (1, ((0, 64),))
+        assert target.by_name[proj] == (1, ((0, 64),))
 
 
 @settings(max_examples=60, deadline=None)

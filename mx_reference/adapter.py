@@ -177,16 +177,30 @@ class ShardedEngine(Protocol):
     :class:`~mx_reference.refit.shards.SlicePart` s of full HF parameters it is made of,
     concatenated along their dim (DTensor engines read it off their placements with
     :func:`~mx_reference.refit.shards.dtensor_layout`). ``meta``: the full HF parameters as
-    meta tensors. ``model``: the module, for its HF config."""
+    meta tensors. ``model``: the module, for its HF config (and its DTensor parameters, if
+    any: the suite cuts those with torch's ``distribute_tensor``). ``forward``: the engine's own
+    forward, input ids ``(batch, seq)`` -> logits ``(batch, seq, vocab)`` over the full vocab
+    (its TP collectives included), or ``None`` for an engine that runs no forward in the suite;
+    when given, the suite checks it against the trainer's logits."""
 
     model: torch.nn.Module
     local: dict[str, torch.Tensor]
     layout: dict[str, Any]
     meta: dict[str, torch.Tensor]
+    forward: Callable[[torch.Tensor], torch.Tensor] | None
 
 
 class ShardedEngineAdapter(EngineAdapter, Protocol):
-    """An engine whose ranks hold only their shard (capability :data:`SHARDED`)."""
+    """An engine whose ranks hold only their shard (capability :data:`SHARDED`).
+
+    ``ranks_as_processes``: ``False`` when a replica's ranks may be threads of one process
+    (each given a gloo group member); ``True`` when each rank needs the replica as its own
+    process's default process group (transformers' TP builds its device mesh over the world):
+    the suite then runs one process per rank, with ``torch.distributed`` initialized
+    (gloo, world = the replica) before :meth:`build_sharded`, and sends the adapter to each
+    (it must pickle)."""
+
+    ranks_as_processes: bool
 
     def build_sharded(
         self, kind: str, *, tp_size: int, tp_rank: int, seed: int = 0, **config: Any

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import re
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -39,10 +40,17 @@ class TinyModelSpec:
     dtype: str = "float32"  # or "bfloat16": parameters, publisher shards and receivers alike
 
 
-def _hf_model(config_class: str, model_class: str, **config) -> torch.nn.Module:
-    import transformers
+# a replica's ranks build their models in threads at once: a thread importing transformers
+# while another one is can see the package before it has become its lazy module
+_IMPORT_LOCK = threading.Lock()
 
-    return getattr(transformers, model_class)(getattr(transformers, config_class)(**config))
+
+def _hf_model(config_class: str, model_class: str, **config) -> torch.nn.Module:
+    with _IMPORT_LOCK:
+        import transformers
+
+        model, config_type = getattr(transformers, model_class), getattr(transformers, config_class)
+    return model(config_type(**config))
 
 
 def _decoder_config(spec: TinyModelSpec) -> dict:

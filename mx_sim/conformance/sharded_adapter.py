@@ -1,4 +1,8 @@
-"""The second reference adapter: a vLLM-shaped sharded engine, whose ranks hold only their shard.
+"""Sharded reference adapters: engines whose ranks hold only their shard.
+
+Two engines share one loader (:class:`ShardedReferenceAdapter`): the vLLM-shaped one here,
+and transformers' own TP engine (:mod:`~mx_sim.conformance.hf_tp_adapter`), whose layout is
+read off DTensor placements and whose ranks are processes.
 
 Each rank of :class:`VllmShapedAdapter` holds what a vLLM TP rank holds, as plain tensors:
 ``qkv_proj`` fusing this rank's q heads with its k and v heads (one KV head repeated over
@@ -10,14 +14,13 @@ that layout (:func:`vllm_layout`), the way an adapter over vLLM's ``ColumnParall
 ``VocabParallelEmbedding`` would; its loader is
 :class:`~mx_reference.refit.shards.ShardedRefitReceiver` over those tensors.
 
-The ranks run as threads of one process (the suite's rig); transformers' own TP engine, whose
-layout is read off DTensor placements, runs one process per rank in the simulator's matrix
-(:mod:`mx_sim.refit.hf_tp_engine`).
+Its ranks run as threads of one process. :func:`cut` and :func:`expected_shards` are the
+suite's own cut of a version's full weights, the oracle of both engines' shards.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +46,7 @@ class ShardedModel:
     meta: dict[str, torch.Tensor]
     tp_size: int
     tp_rank: int
+    forward: Callable[[torch.Tensor], torch.Tensor] | None = None  # input ids -> logits
 
 
 def kv_heads(num_kv_heads: int, tp_size: int, tp_rank: int) -> tuple[int, int]:
@@ -96,24 +100,39 @@ def cut(full: Mapping[str, torch.Tensor], parts: Sequence[SlicePart]) -> torch.T
     )
 
 
-class VllmShapedAdapter(ReferenceAdapter):
-    """The reference adapter plus :data:`~mx_reference.adapter.SHARDED`: a vLLM-shaped sharded
-    engine (:func:`vllm_layout`) and its loader. Conformance mutants of a sharded loader
-    override :meth:`loader_layout`."""
+def expected_shards(
+    model: torch.nn.Module,
+    layout: Mapping[str, Sequence[SlicePart]],
+    full: Mapping[str, torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    """Each local tensor of a rank as the suite cuts it from a version's full HF weights:
+    torch's own ``distribute_tensor`` (no communication) where the engine's parameter is a
+    DTensor, so its layout reading is not the oracle; the declared slices otherwise."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    params = dict(model.named_parameters())
+    out = {}
+    for name, parts in layout.items():
+        p = params.get(name)
+        if isinstance(p, DTensor):
+            dt = distribute_tensor(full[name], p.device_mesh, p.placements, src_data_rank=None)
+            out[name] = dt.to_local()
+        else:
+            out[name] = cut(full, parts)
+    return out
+
+
+class ShardedReferenceAdapter(ReferenceAdapter):
+    """The reference adapter plus :data:`~mx_reference.adapter.SHARDED`: the loader of a
+    sharded engine is :class:`~mx_reference.refit.shards.ShardedRefitReceiver` over the rank's
+    local tensors and layout. Subclasses build the engine; conformance mutants of a sharded
+    loader override :meth:`loader_layout`."""
+
+    ranks_as_processes = False  # ranks may be threads of one process
 
     @property
     def capabilities(self) -> frozenset[str]:
         return caps.CAPABILITIES
-
-    def build_sharded(
-        self, kind: str, *, tp_size: int, tp_rank: int, seed: int = 0, **config: Any
-    ) -> ShardedModel:
-        full = self.build_model(kind, seed=seed, **config)
-        meta = hf_meta(full)
-        params = {n: p.detach() for n, p in model_parameters(full).items()}
-        layout = vllm_layout({n: meta[n] for n in params}, full.config, tp_size, tp_rank)
-        local = {n: cut(params, parts).clone() for n, parts in layout.items()}
-        return ShardedModel(full.to("meta"), local, layout, meta, tp_size, tp_rank)
 
     def loader_layout(self, engine: ShardedModel) -> dict[str, tuple[SlicePart, ...]]:
         """The layout the loader writes by: the engine's own."""
@@ -126,6 +145,20 @@ class VllmShapedAdapter(ReferenceAdapter):
         return ShardedRefitReceiver(
             engine.model, layout=layout, local=local, meta=engine.meta, **kwargs
         )
+
+
+class VllmShapedAdapter(ShardedReferenceAdapter):
+    """A vLLM-shaped sharded engine (:func:`vllm_layout`), with no forward of its own."""
+
+    def build_sharded(
+        self, kind: str, *, tp_size: int, tp_rank: int, seed: int = 0, **config: Any
+    ) -> ShardedModel:
+        full = self.build_model(kind, seed=seed, **config)
+        meta = hf_meta(full)
+        params = {n: p.detach() for n, p in model_parameters(full).items()}
+        layout = vllm_layout({n: meta[n] for n in params}, full.config, tp_size, tp_rank)
+        local = {n: cut(params, parts).clone() for n, parts in layout.items()}
+        return ShardedModel(full.to("meta"), local, layout, meta, tp_size, tp_rank)
 
 
 def vllm_shaped_adapter() -> VllmShapedAdapter:

@@ -34,12 +34,13 @@ from mx_reference.refit.replicas import ReplicaDirectory, ReplicaSource
 from mx_reference.refit.shards import ShardedRefitReceiver
 from mx_sim.cluster.launch import RankOutcome, gloo_group, host_store, launch
 from mx_sim.cluster.topology import RankInfo, TopologySpec
+from mx_sim.conformance.sharded_adapter import expected_shards
 from mx_sim.cpu_mock import CpuMockBackend
 from mx_sim.fixtures import TinyModelSpec, VersionWeights, pp_stage, version_model
 from mx_sim.refit.faults import STORE_GONE_KEY, Fault, FaultContext
 from mx_sim.refit.hf_tp_engine import (
+    TP_LOGITS_ATOL,
     engine_layout,
-    expected_shards,
     init_replica_group,
     load_tp_model,
     save_checkpoint,
@@ -146,9 +147,6 @@ HF_TP_FAMILIES = (
     "olmo2",
     "phi3",
 )  # families with a transformers TP plan
-# a TP forward sums in another order: 1.5e-7 measured in fp32 (engines.md); bf16 rounds each
-# partial sum to 8 bits of mantissa
-TP_LOGITS_ATOL = {"float32": 1e-5, "bfloat16": 5e-2}
 
 
 def default_engine(spec: TopologySpec, kind: str, fanout: bool = False) -> str:
@@ -281,7 +279,7 @@ def _receiver(cfg: RunConfig, info: RankInfo, store: dist.Store, groups: dict) -
             model,
             oracle,
             local=local,
-            cut=lambda full: expected_shards(model, full, info.tp_size),
+            cut=lambda full: expected_shards(model, layout, full),
             logits_atol=TP_LOGITS_ATOL[cfg.model_spec.dtype],
         )
     else:

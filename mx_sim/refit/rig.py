@@ -30,11 +30,12 @@ from mx_reference.refit.registry import VersionRegistry
 from mx_reference.refit.replicas import ReplicaDirectory
 from mx_reference.refit.wire import SourceManifest
 from mx_reference.transport.base import Transport
-from mx_sim.cluster.launch import gloo_group
+from mx_sim.cluster.launch import StoreAddress, gloo_group, host_store, launch
 from mx_sim.cluster.topology import TopologySpec
 from mx_sim.cpu_mock import CpuMockBackend
 from mx_sim.fixtures import TinyModelSpec, VersionWeights, version_model
 from mx_sim.refit.faults import Fault
+from mx_sim.refit.hf_tp_engine import init_replica_group
 from mx_sim.refit.ranks import MODEL_ID, HfSplitShards, TrainerRank, receiver_for
 from mx_sim.sim_transport import make_transport
 
@@ -51,6 +52,8 @@ class RigConfig:
     transport: str = "sim"
     timeout_s: float = 10.0
     fault: Fault | None = None  # a trainer-side transport fault (its FaultKind has a plan)
+    tcp_store: bool = False  # host the registry on a loopback TCPStore: ranks in other
+    # processes reach it at ``rig.address``
 
 
 class RefitRig:
@@ -71,7 +74,11 @@ class RefitRig:
         self.spec = TopologySpec(
             trainer_tp=cfg.trainer_tp, trainer_pp=cfg.trainer_pp, trainer_ep=cfg.trainer_ep
         )
-        self.store = dist.HashStore()
+        self.address: StoreAddress | None = None
+        self.store: dist.Store = dist.HashStore()
+        if cfg.tcp_store:
+            self._master, self.address = host_store(_name("rig"), cfg.timeout_s)
+            self.store = dist.PrefixStore(self.address.prefix, self._master)
         self.registry = VersionRegistry(self.store, timeout=cfg.timeout_s)
         self.backend = CpuMockBackend()
         self._post_load = post_load
@@ -193,6 +200,46 @@ class Replica:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def replica_ranks(
+    rig: RefitRig,
+    size: int,
+    fn: Callable[..., T],
+    args: tuple = (),
+    *,
+    processes: bool = False,
+    deadline_s: float = 120.0,
+) -> list[T]:
+    """``fn(rank, group, registry, *args)`` on every rank of a ``size``-rank replica refitting
+    from ``rig``; returns the ranks' results.
+
+    By default the ranks are threads of this process (:class:`Replica`; ``group`` is ``None``
+    for one rank). With ``processes`` each rank is a process of its own whose default gloo
+    group is the replica (transformers' TP builds its device mesh over the world): the rig
+    must have been made with ``tcp_store``, ``fn`` and ``args`` must pickle, and a rank's
+    failure is raised here as ``AssertionError`` with its message.
+    """
+    if not processes:
+        with Replica(size, rig.config.timeout_s) as replica:
+            groups = replica.groups if size > 1 else [None]
+            return replica.map(lambda r: fn(r, groups[r], rig.registry, *args))
+    if rig.address is None:
+        raise ValueError("replica ranks as processes need a rig made with tcp_store=True")
+    outcomes = launch(_replica_process, size, (fn, size, rig.address, args), timeout_s=deadline_s)
+    for o in outcomes:
+        if o.status != "ok":
+            first = (o.error or f"exit code {o.exitcode}").splitlines()[0]
+            raise AssertionError(f"replica rank {o.rank}/{size} {o.status}: {first}")
+    return [o.value for o in outcomes]
+
+
+def _replica_process(
+    rank: int, fn: Callable[..., T], size: int, address: StoreAddress, args: tuple
+) -> T:
+    store = address.connect()
+    group = init_replica_group(store, 0, rank, size, address.timeout_s)
+    return fn(rank, group, VersionRegistry(store, timeout=address.timeout_s), *args)
 
 
 def _name(role: str) -> str:

@@ -10,6 +10,7 @@ import mutants
 import pytest
 
 from mx_sim.conformance.adapters import reference_adapter
+from mx_sim.conformance.hf_tp_adapter import hf_tp_adapter
 from mx_sim.conformance.run_checks import run_checks
 from mx_sim.conformance.sharded_adapter import vllm_shaped_adapter
 
@@ -17,8 +18,8 @@ MUTANTS = sorted(m.name for m in pkgutil.iter_modules(mutants.__path__))
 
 
 def test_there_is_a_mutant_per_bug_class():
-    assert len(MUTANTS) >= 18, MUTANTS
-    assert len([m for m in MUTANTS if m.startswith("sharded_")]) == 5, MUTANTS
+    assert len(MUTANTS) >= 19, MUTANTS
+    assert len([m for m in MUTANTS if m.startswith("sharded_")]) == 6, MUTANTS
 
 
 def test_reference_adapter_passes_every_check_but_the_sharded_ones():
@@ -28,8 +29,12 @@ def test_reference_adapter_passes_every_check_but_the_sharded_ones():
     assert skipped and all(s.startswith("refit.sharded_") for s in skipped), skipped
 
 
-def test_sharded_reference_adapter_passes_every_check():
-    report = run_checks(vllm_shaped_adapter)
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("factory", [vllm_shaped_adapter, hf_tp_adapter])
+def test_sharded_reference_adapters_pass_every_check(factory):
+    """The vLLM-shaped engine (ranks as threads, declared layout, no forward) and
+    transformers' TP engine (a process per rank, DTensor placements, its own forward)."""
+    report = run_checks(factory)
     assert report.failed_ids() == [], [r for r in report.results if r.status == "failed"]
     assert not [r.id for r in report.results if r.status == "skipped"]
 

@@ -73,3 +73,17 @@ def test_mutant_fails_its_refit_check(name):
     failed = report.failed_ids()
     reasons = {r.id: r.reason for r in report.results if r.id in failed}
     assert MUTANTS[name] in failed, f"{name} caught by {failed or 'no check'}: {reasons}"
+
+
+def test_hf_tp_adapter_refuses_a_rank_without_its_replica_as_process_group():
+    from mx_sim.conformance.hf_tp_adapter import hf_tp_adapter
+
+    with pytest.raises(ValueError, match=r"tp_size=2, tp_rank=1.*default group, which is None"):
+        hf_tp_adapter().build_sharded("llama", tp_size=2, tp_rank=1)
+
+
+def test_replica_ranks_as_processes_need_a_tcp_store():
+    from mx_sim.refit.rig import RefitRig, RigConfig, replica_ranks
+
+    with RefitRig(RigConfig()) as rig, pytest.raises(ValueError, match="tcp_store=True"):
+        replica_ranks(rig, 2, print, processes=True)

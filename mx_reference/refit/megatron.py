@@ -28,9 +28,9 @@ from collections.abc import Iterable
 import msgspec
 import torch
 
-from mx_reference.refit.layouts import padded_vocab_size, rank_segments, vocab_range
+from mx_reference.refit.layouts import expert_range, padded_vocab_size, rank_segments, vocab_range
 from mx_reference.refit.name_maps import RefitModelConfig, TensorRule, tensor_rules
-from mx_reference.refit.wire import ShardDescriptor, dtype_name
+from mx_reference.refit.wire import EXPERT_STYLES, ShardDescriptor, dtype_name
 
 # local layer spec suffix -> the Transformer Engine (canonical) suffix, in dense layers
 LOCAL_SPEC_NORMS = {
@@ -40,18 +40,24 @@ LOCAL_SPEC_NORMS = {
     "pre_mlp_layernorm.bias": "mlp.linear_fc1.layer_norm_bias",
 }
 _LAYER = re.compile(r"decoder\.layers\.(\d+)\.(.+)")
+_LOCAL_EXPERT = re.compile(r"mlp\.experts\.local_experts\.(\d+)\.(.+)")
 
 
-def canonical_name(name: str, cfg: RefitModelConfig, layer_offset: int = 0) -> str:
+def canonical_name(
+    name: str, cfg: RefitModelConfig, layer_offset: int = 0, expert_offset: int = 0
+) -> str:
     """The name-map name of Megatron parameter ``name`` of a stage starting at layer
-    ``layer_offset``."""
+    ``layer_offset``, on an EP rank whose first expert is ``expert_offset``."""
     m = _LAYER.fullmatch(name)
     if m is None:
         return name
-    rest = m[2]
-    if rest in LOCAL_SPEC_NORMS and not (cfg.num_experts and rest.startswith("pre_mlp")):
+    layer, rest = int(m[1]) + layer_offset, m[2]
+    if rest in LOCAL_SPEC_NORMS and not (cfg.moe_layer(layer) and rest.startswith("pre_mlp")):
         rest = LOCAL_SPEC_NORMS[rest]
-    return f"decoder.layers.{int(m[1]) + layer_offset}.{rest}"
+    expert = _LOCAL_EXPERT.fullmatch(rest)
+    if expert is not None:  # Megatron numbers an EP rank's experts from 0
+        rest = f"mlp.experts.local_experts.{int(expert[1]) + expert_offset}.{expert[2]}"
+    return f"decoder.layers.{layer}.{rest}"
 
 
 def shards_from_megatron(
@@ -59,17 +65,17 @@ def shards_from_megatron(
     cfg: RefitModelConfig,
     *,
     tp: tuple[int, int],
+    ep: tuple[int, int] = (0, 1),
     layer_offset: int = 0,
 ) -> list[tuple[ShardDescriptor, torch.Tensor]]:
-    """``(descriptor, shard)`` of every parameter of a Megatron rank at ``tp`` ``(rank, size)``;
-    the shards are views of the parameters (detached). Dense models only: MoE experts are
-    named per EP rank by Megatron and are not mapped here yet."""
-    if cfg.num_experts:
-        raise ValueError("shards_from_megatron: MoE expert parameters are not mapped yet")
+    """``(descriptor, shard)`` of every parameter of a Megatron rank at ``tp`` and ``ep``
+    ``(rank, size)``; the shards are views of the parameters (detached). MoE layers are the
+    local spec's: one ``local_experts.{i}`` module per expert of this EP rank."""
+    e_lo = expert_range(cfg.num_experts, ep[1], ep[0])[0] if cfg.num_experts else 0
     rules = {r.megatron: r for r in tensor_rules(cfg)}
     out = []
     for name, param in named_parameters:
-        canon = canonical_name(name, cfg, layer_offset)
+        canon = canonical_name(name, cfg, layer_offset, e_lo)
         if cfg.tie_word_embeddings and canon == "output_layer.weight":
             continue  # the last stage's copy of the tied embedding
         rule = rules.get(canon)
@@ -109,7 +115,9 @@ def _describe(
         "qkv_column": (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim,
         "gated_mlp_column": 2 * cfg.intermediate_size,
     }
-    if rule.style in fused and shape[rule.axis] != fused[rule.style]:
+    # (an MoE model's dense layers and shared experts have widths the config does not hold)
+    check = rule.style in fused and not (rule.style == "gated_mlp_column" and cfg.num_experts)
+    if check and shape[rule.axis] != fused[rule.style]:
         raise ValueError(
             f"Megatron parameter {name!r}: local shape {tuple(local.shape)} makes "
             f"{shape[rule.axis]} global rows at TP {size}, the config needs {fused[rule.style]}"
@@ -122,6 +130,8 @@ def _describe(
         shard_axis=rule.axis,
         num_heads=cfg.num_heads if qkv else 0,
         num_kv_heads=cfg.num_kv_heads if qkv else 0,
+        expert_ids=() if rule.expert is None else (rule.expert,),
+        num_experts=cfg.num_experts if rule.style in EXPERT_STYLES else 0,
         nbytes=local.element_size() * torch.Size(shape).numel(),
     )
     if rule.style == "replicated":

@@ -52,7 +52,8 @@ MATRIX: dict[str, MatrixRow] = {
     # must be summed over TP (Megatron's finalize_model_grads), or the ranks' copies drift
     "refit Qwen3 q/k-norm TP2->TP2": MatrixRow(TopologySpec(trainer_tp=2, inference_tp=2), "qwen3"),
     "refit fan-out 1->1->2": MatrixRow(TopologySpec(replicas=3), fanout=True),
-    # one row per family without a Megatron-Core trainer here (HF-split trainer)
+    # one row per further family (Megatron-Core trains Phi-3 and the MoE families here; the
+    # others use the HF-split trainer: docs/simulator.md lists the blockers)
     "refit Phi-3 fused TP2->TP2": MatrixRow(TopologySpec(trainer_tp=2, inference_tp=2), "phi3"),
     "refit OLMo2 post-norms TP4->TP2": MatrixRow(
         TopologySpec(trainer_tp=4, inference_tp=2), "olmo2", TinyModelSpec(num_kv_heads=4)
@@ -67,6 +68,10 @@ MATRIX: dict[str, MatrixRow] = {
     ),
     "refit Qwen2-MoE shared expert TP1->TP2": MatrixRow(TopologySpec(inference_tp=2), "qwen2_moe"),
     "refit Qwen3-MoE mixed dense EP2->TP1": MatrixRow(TopologySpec(trainer_ep=2), "qwen3_moe"),
+    # Megatron MoE at EP2 x TP2: the router's TP copies are averaged each step, or they drift
+    "refit EP2xTP2->TP2 Mixtral": MatrixRow(
+        TopologySpec(trainer_tp=2, trainer_ep=2, inference_tp=2), "mixtral"
+    ),
 }
 QUICK = ("refit TP2->TP1", "refit TP2->TP4 GQA", "refit EP2->EP1 MoE")
 

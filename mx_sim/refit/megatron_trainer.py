@@ -20,7 +20,8 @@ What running on CPU takes (``shared/reference/engines.md`` has the measurements)
   ``GPTModel.set_input_tensor`` and back, over gloo ``send``/``recv``.
 
 Families: ``llama`` (RMSNorm, SwiGLU, RoPE, GQA; tied or not), ``qwen2`` (q/k/v biases),
-``qwen3`` (q/k RMSNorm per head) and ``gpt2`` (LayerNorm, tanh-GELU, learned positions, biases,
+``qwen3`` (q/k RMSNorm per head), ``phi3`` (Llama's blocks; HF fuses q|k|v and gate|up,
+which only the receivers' name map sees) and ``gpt2`` (LayerNorm, tanh-GELU, learned positions, biases,
 tied). MoE is not run through
 Megatron here (see docs/simulator.md).
 """
@@ -28,6 +29,7 @@ Megatron here (see docs/simulator.md).
 from __future__ import annotations
 
 import datetime
+import functools
 import importlib.util
 from dataclasses import dataclass
 
@@ -42,7 +44,7 @@ from mx_reference.refit.name_maps import RefitModelConfig
 from mx_sim.cluster.topology import RankInfo
 from mx_sim.fixtures import TinyModelSpec, build_tiny_model, fixed_prompt
 
-FAMILIES = ("llama", "qwen2", "qwen3", "gpt2")
+FAMILIES = ("llama", "qwen2", "qwen3", "phi3", "gpt2", "mixtral", "qwen2_moe", "qwen3_moe")
 LEARNING_RATE = 0.05
 GPT2_POSITIONS = 64  # mx_sim.fixtures builds GPT-2 with n_positions=64
 
@@ -73,18 +75,25 @@ class MegatronModelSpec:
     def tied(self) -> bool:
         return self.gpt2 or self.spec.tie_word_embeddings
 
-    def refit_config(self) -> RefitModelConfig:
-        """The receivers' view: read off the HF model the receivers hold."""
-        return RefitModelConfig.from_hf(build_tiny_model(self.kind, self.spec).config)
+    @functools.cached_property
+    def hf_config(self):
+        """The config of the HF model the receivers hold."""
+        return build_tiny_model(self.kind, self.spec).config
 
-    def check(self, tp: int, pp: int) -> None:
+    def refit_config(self) -> RefitModelConfig:
+        """The receivers' view."""
+        return RefitModelConfig.from_hf(self.hf_config)
+
+    def check(self, tp: int, pp: int, ep: int = 1) -> None:
         """Refuse, before any rank starts, what Megatron-Core refuses: first its own config
         validation (its message), then what it would only fail on while building the model
         (query groups per TP rank, layers per stage)."""
+        layout = f"TP{tp} x PP{pp}" + (f" x EP{ep}" if ep > 1 else "")
         try:
-            self.transformer_config(tp, pp)
+            self.transformer_config(tp, pp, ep)
         except ValueError as exc:
-            raise ValueError(f"Megatron-Core refuses TP{tp} x PP{pp}: {exc}") from None
+            raise ValueError(f"Megatron-Core refuses {layout}: {exc}") from None
+
         s = self.spec
         groups = s.num_heads if self.gpt2 else s.num_kv_heads
         for what, value, by, mode in (
@@ -93,11 +102,45 @@ class MegatronModelSpec:
         ):
             if value % by:
                 raise ValueError(
-                    f"Megatron-Core refuses TP{tp} x PP{pp}: {what} ({value}) must be a "
+                    f"Megatron-Core refuses {layout}: {what} ({value}) must be a "
                     f"multiple of {mode} ({by})"
                 )
 
-    def transformer_config(self, tp: int, pp: int):
+    @property
+    def rope_theta(self) -> float:
+        """HF's RoPE base (Mixtral's is 1e6); GPT-2 has learned positions."""
+        rope = getattr(self.hf_config, "rope_parameters", None) or {}
+        return float(rope.get("rope_theta", 10000.0))
+
+    @property
+    def moe(self) -> bool:
+        return bool(self.refit_config().num_experts)
+
+    def moe_fields(self, tp: int, ep: int) -> dict:
+        """TransformerConfig's MoE fields: HF's routing (softmax over the top k for Mixtral,
+        which renormalizes, or top k of the softmax for ``norm_topk_prob=False``), no auxiliary
+        loss, the local spec's one module per expert, HF's dense layers and shared expert."""
+        cfg, hf = self.refit_config(), self.hf_config
+        if not cfg.num_experts:
+            return {}
+        return dict(
+            num_moe_experts=cfg.num_experts,
+            moe_router_topk=hf.num_experts_per_tok,
+            moe_ffn_hidden_size=cfg.intermediate_size,
+            moe_layer_freq=[int(cfg.moe_layer(i)) for i in range(cfg.num_layers)],
+            moe_router_pre_softmax=not getattr(hf, "norm_topk_prob", True),
+            moe_router_load_balancing_type="none",
+            moe_aux_loss_coeff=0.0,
+            moe_grouped_gemm=False,
+            moe_token_dispatcher_type="allgather",
+            moe_shared_expert_intermediate_size=getattr(
+                hf, "shared_expert_intermediate_size", None
+            ),
+            moe_shared_expert_gate=cfg.shared_gate,
+            expert_model_parallel_size=ep,
+        )
+
+    def transformer_config(self, tp: int, pp: int, ep: int = 1):
         from megatron.core.transformer import TransformerConfig
 
         s, gpt2 = self.spec, self.gpt2
@@ -106,15 +149,17 @@ class MegatronModelSpec:
             hidden_size=s.hidden_size,
             num_attention_heads=s.num_heads,
             num_query_groups=s.num_heads if gpt2 else s.num_kv_heads,
-            ffn_hidden_size=4 * s.hidden_size if gpt2 else s.intermediate_size,
+            ffn_hidden_size=4 * s.hidden_size if gpt2 else self.hf_config.intermediate_size,
             kv_channels=s.hidden_size // s.num_heads,
             normalization="LayerNorm" if gpt2 else "RMSNorm",
-            layernorm_epsilon=1e-5 if gpt2 else 1e-6,  # the HF configs' defaults
+            layernorm_epsilon=self.hf_config.layer_norm_epsilon
+            if gpt2
+            else self.hf_config.rms_norm_eps,
             gated_linear_unit=not gpt2,
             activation_func=(lambda x: F.gelu(x, approximate="tanh")) if gpt2 else F.silu,
             add_bias_linear=gpt2,
-            add_qkv_bias=gpt2 or self.kind == "qwen2",
-            qk_layernorm=self.kind == "qwen3",
+            add_qkv_bias=gpt2 or self.refit_config().qkv_bias,
+            qk_layernorm=self.refit_config().qk_norm,
             tensor_model_parallel_size=tp,
             pipeline_model_parallel_size=pp,
             params_dtype=torch.float32,
@@ -128,6 +173,24 @@ class MegatronModelSpec:
             persist_layer_norm=False,
             attention_dropout=0.0,
             hidden_dropout=0.0,
+            **self.moe_fields(tp, ep),
+        )
+
+    def layer_spec(self, config):
+        """The local (non-Transformer-Engine) spec: per layer for MoE models (dense and MoE
+        layers mixed by ``moe_layer_freq``)."""
+        from megatron.core.models.gpt.gpt_layer_specs import (
+            get_gpt_decoder_block_spec,
+            get_gpt_layer_local_spec,
+        )
+
+        normalization = "LayerNorm" if self.gpt2 else "RMSNorm"
+        if self.moe:
+            return get_gpt_decoder_block_spec(
+                config, use_transformer_engine=False, normalization=normalization
+            )
+        return get_gpt_layer_local_spec(
+            normalization=normalization, qk_layernorm=config.qk_layernorm
         )
 
 
@@ -149,40 +212,46 @@ class MegatronTrainer:
         torch.cuda.current_device = lambda: torch.device("cpu")  # this trainer process only
         from megatron.core import parallel_state, tensor_parallel
         from megatron.core.models.gpt import GPTModel
-        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+        from megatron.core.transformer.moe import moe_utils
 
-        tp, pp = info.tp_size, info.pp_size
+        # Megatron-Core 0.16.1 leaves this name undefined without Transformer Engine, and the
+        # router's gating reads it before anything else
+        moe_utils.te_general_gemm = getattr(moe_utils, "te_general_gemm", None)
+        tp, pp, ep = info.tp_size, info.pp_size, info.ep_size
         if not dist.is_initialized():
             dist.init_process_group(
                 "gloo",
                 store=dist.PrefixStore("megatron", store),
                 rank=info.global_rank,
-                world_size=tp * pp * info.ep_size,
+                world_size=tp * pp * ep,
                 timeout=datetime.timedelta(seconds=timeout_s),
             )
         parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp
+            tensor_model_parallel_size=tp,
+            pipeline_model_parallel_size=pp,
+            expert_model_parallel_size=ep,
         )
         ranks = (
             parallel_state.get_tensor_model_parallel_rank(),
             parallel_state.get_pipeline_model_parallel_rank(),
+            parallel_state.get_expert_model_parallel_rank(),
         )
-        if ranks != (info.tp_rank, info.pp_rank):
+        if ranks != (info.tp_rank, info.pp_rank, info.ep_rank):
             raise RuntimeError(
-                f"Megatron numbers global rank {info.global_rank} (tp, pp) = {ranks}, the "
-                f"simulator's topology {(info.tp_rank, info.pp_rank)}"
+                f"Megatron numbers global rank {info.global_rank} (tp, pp, ep) = {ranks}, the "
+                f"simulator's topology {(info.tp_rank, info.pp_rank, info.ep_rank)}"
             )
         tensor_parallel.random.initialize_rng_tracker(inference_rng_tracker=True)
-        torch.manual_seed(1234 + info.pp_rank)  # Megatron's CPU init: same on every TP rank
+        # Megatron's CPU init: the same on every TP and EP rank (EP ranks are data-parallel
+        # replicas of the dense weights)
+        torch.manual_seed(1234 + info.pp_rank)
         self.first = parallel_state.is_pipeline_first_stage()
         self.last = parallel_state.is_pipeline_last_stage()
         mspec = self.model_spec
+        config = mspec.transformer_config(tp, pp, ep)
         self.model = GPTModel(
-            mspec.transformer_config(tp, pp),
-            get_gpt_layer_local_spec(
-                normalization="LayerNorm" if mspec.gpt2 else "RMSNorm",
-                qk_layernorm=mspec.kind == "qwen3",
-            ),
+            config,
+            mspec.layer_spec(config),
             vocab_size=padded_vocab_size(spec.vocab_size, tp),
             max_sequence_length=GPT2_POSITIONS if mspec.gpt2 else 2048,
             pre_process=self.first,
@@ -190,7 +259,14 @@ class MegatronTrainer:
             parallel_output=False,
             share_embeddings_and_output_weights=mspec.tied,
             position_embedding_type="learned_absolute" if mspec.gpt2 else "rope",
+            rotary_base=mspec.rope_theta,
         )
+        if mspec.moe and tp > 1:
+            # Megatron's MoE layer refuses to train at TP > 1 without sequence parallelism (a
+            # performance guard), which its local norms do not support (Transformer Engine's
+            # and apex's do; neither installs here). In eval mode the step is the same
+            # computation: dropout is 0 and there is no auxiliary loss.
+            self.model.eval()
         self.layer_offset = self.model.decoder.layers[0].layer_number - 1
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=LEARNING_RATE)
         self.prompt = fixed_prompt(spec.vocab_size)  # (1, S): the oracle's logits
@@ -242,17 +318,32 @@ class MegatronTrainer:
         self.steps += 1
 
     def _reduce_replicated_grads(self) -> None:
-        """What Megatron's ``finalize_model_grads`` does for the replicated weights that see
-        only this rank's heads: q/k layernorm gradients are summed over TP. Skipped, the TP
-        ranks' copies drift apart (receivers catch it: their digests disagree)."""
+        """What Megatron's ``finalize_model_grads`` does for weights several ranks hold:
+
+        * over TP, gradients are summed for the replicated weights that see only this rank's
+          heads (q/k layernorms), and averaged for the MoE router and shared-expert gate: every
+          TP rank computes them whole, but the expert backward sums in a rank's own order, so
+          they differ in the last bits (6e-11 measured at EP2 x TP2) and the copies would
+          drift;
+        * over data parallelism (the EP ranks are data-parallel replicas of every weight but
+          their experts, which Megatron marks ``allreduce=False``), gradients are averaged.
+
+        Skipped, the copies drift apart (receivers catch it: their digests disagree)."""
         from megatron.core import parallel_state
 
-        if self.info.tp_size == 1:
-            return
-        group = parallel_state.get_tensor_model_parallel_group()
+        tp_group = parallel_state.get_tensor_model_parallel_group()
+        dp_group = parallel_state.get_data_parallel_group()
         for name, param in self.model.named_parameters():
-            if ("q_layernorm" in name or "k_layernorm" in name) and param.grad is not None:
-                dist.all_reduce(param.grad, group=group)
+            if param.grad is None:
+                continue
+            if self.info.tp_size > 1 and ("q_layernorm" in name or "k_layernorm" in name):
+                dist.all_reduce(param.grad, group=tp_group)
+            if self.info.tp_size > 1 and ("mlp.router." in name or "gate_weight" in name):
+                dist.all_reduce(param.grad, group=tp_group)
+                param.grad /= self.info.tp_size
+            if self.info.ep_size > 1 and getattr(param, "allreduce", True):
+                dist.all_reduce(param.grad, group=dp_group)
+                param.grad /= self.info.ep_size
 
     def advance_to(self, version: int) -> None:
         """Version v is Megatron's init after ``v - 1`` optimizer steps."""
@@ -276,6 +367,7 @@ class MegatronTrainer:
             self.model.named_parameters(),
             self.refit_config,
             tp=(self.info.tp_rank, self.info.tp_size),
+            ep=(self.info.ep_rank, self.info.ep_size),
             layer_offset=self.layer_offset,
         )
 

@@ -170,7 +170,7 @@ def check_engine(engine: str, spec: TopologySpec, kind: str, fanout: bool) -> No
 def default_trainer(spec: TopologySpec, kind: str, model_spec: TinyModelSpec | None = None) -> str:
     """Megatron-Core wherever it runs the row here (installed, a family it runs, no EP, fp32),
     else the HF-split trainer."""
-    runs = megatron_available() and kind in MEGATRON_FAMILIES and spec.trainer_ep == 1
+    runs = megatron_available() and kind in MEGATRON_FAMILIES
     fp32 = model_spec is None or model_spec.dtype == "float32"
     return "megatron" if runs and fp32 else "hf-split"
 
@@ -185,11 +185,9 @@ def check_trainer(trainer: str, spec: TopologySpec, kind: str, model_spec: TinyM
         return
     if not megatron_available():
         raise ValueError("trainer 'megatron' needs megatron-core (pip install megatron-core)")
-    if spec.trainer_ep > 1:
-        raise ValueError("trainer 'megatron': expert parallelism is not run through Megatron here")
     if model_spec.dtype != "float32":
         raise ValueError("trainer 'megatron': runs float32 here (its CPU path has no bf16 GEMM)")
-    MegatronModelSpec(kind, model_spec).check(spec.trainer_tp, spec.trainer_pp)
+    MegatronModelSpec(kind, model_spec).check(spec.trainer_tp, spec.trainer_pp, spec.trainer_ep)
 
 
 # ---- rank bodies ---------------------------------------------------------------------------

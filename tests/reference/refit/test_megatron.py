@@ -21,22 +21,58 @@ CFG = RefitModelConfig.from_hf(CFG_MODEL.config)
 TE_NAMES = {v: k for k, v in LOCAL_SPEC_NORMS.items()}
 
 
-def _megatron_params(tp: int, rank: int, *, local_spec: bool, offset: int = 0):
-    """What Megatron rank ``rank`` of ``tp`` holds: its shards, padded vocab rows, names local
-    to a stage starting at layer ``offset``."""
+def _megatron_params(
+    tp: int, rank: int, *, local_spec: bool, offset: int = 0, model=CFG_MODEL, ep=(0, 1)
+):
+    """What Megatron rank ``rank`` of ``tp`` (and ``ep``) holds: its shards, padded vocab rows,
+    names local to a stage starting at layer ``offset``, experts numbered from 0 on each EP
+    rank."""
+    cfg = RefitModelConfig.from_hf(model.config)
     out = []
-    for d, t in megatron_shards_from_hf(CFG_MODEL.state_dict(), CFG, tp_size=tp, tp_rank=rank):
+    first_expert = cfg.num_experts // ep[1] * ep[0]
+    for d, t in megatron_shards_from_hf(
+        model.state_dict(), cfg, tp_size=tp, tp_rank=rank, ep_size=ep[1], ep_rank=ep[0]
+    ):
         name = d.name
         if d.style == "vocab_parallel":
-            rows = padded_vocab_size(CFG.vocab_size, tp) // tp
+            rows = padded_vocab_size(cfg.vocab_size, tp) // tp
             t = torch.cat([t, torch.zeros(rows - t.shape[0], *t.shape[1:])])
         if name.startswith("decoder.layers."):
             layer, rest = name.removeprefix("decoder.layers.").split(".", 1)
             if local_spec:
                 rest = TE_NAMES.get(rest, rest)
+            if d.expert_ids:
+                e = d.expert_ids[0]
+                rest = rest.replace(f"local_experts.{e}.", f"local_experts.{e - first_expert}.")
             name = f"decoder.layers.{int(layer) - offset}.{rest}"
         out.append((name, t))
     return out
+
+
+def _facts(shards):
+    return [
+        (d.name, d.global_shape, d.style, d.shard_range, d.nbytes, d.expert_ids, d.num_experts)
+        for d, _ in shards
+    ]
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe", "qwen3_moe"])
+@pytest.mark.parametrize(("tp", "ep"), [(1, 1), (2, 1), (1, 2), (2, 2)])
+def test_moe_experts_are_renumbered_per_ep_rank(kind, tp, ep):
+    """Megatron numbers each EP rank's experts from 0; shared experts, their gate, dense
+    layers' fused norms (Qwen3-MoE's layer 0) map like the HF-split trainer's."""
+    model = build_tiny_model(kind)
+    cfg = RefitModelConfig.from_hf(model.config)
+    for ep_rank in range(ep):
+        for rank in range(tp):
+            want = megatron_shards_from_hf(
+                model.state_dict(), cfg, tp_size=tp, tp_rank=rank, ep_size=ep, ep_rank=ep_rank
+            )
+            params = _megatron_params(tp, rank, local_spec=True, model=model, ep=(ep_rank, ep))
+            got = shards_from_megatron(params, cfg, tp=(rank, tp), ep=(ep_rank, ep))
+            assert _facts(got) == _facts(want)
+            for (_, w), (_, g) in zip(want, got, strict=True):
+                assert torch.equal(w, g)
 
 
 @pytest.mark.parametrize("local_spec", [True, False], ids=["local spec", "TE spec"])

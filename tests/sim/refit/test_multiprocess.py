@@ -209,8 +209,10 @@ def test_cli_megatron_trainer_tp2_to_tp1_three_cycles(tmp_path):
          "num_attention_heads (4) must be a multiple of tensor_model_parallel_size (3)"),
         (["--trainer", "megatron", "--trainer-pp", "3"], "num_layers (2) must be a multiple of "
          "pipeline_model_parallel_size (3)"),
-        (["--trainer", "megatron", "--model", "mixtral"], "model 'mixtral' does not run through "
-         "Megatron-Core here"),
+        (["--trainer", "megatron", "--model", "deepseek_v3"], "model 'deepseek_v3' does not run "
+         "through Megatron-Core here"),
+        (["--trainer", "megatron", "--model", "mixtral", "--trainer-ep", "3"],
+         "num_experts=4 not divisible by ep_size=3"),
     ],
 )  # fmt: skip
 def test_a_topology_megatron_refuses_is_one_line_before_any_spawn(argv, message, capsys):

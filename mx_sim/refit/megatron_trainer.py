@@ -21,9 +21,10 @@ What running on CPU takes (``shared/reference/engines.md`` has the measurements)
 
 Families: ``llama`` (RMSNorm, SwiGLU, RoPE, GQA; tied or not), ``qwen2`` (q/k/v biases),
 ``qwen3`` (q/k RMSNorm per head), ``phi3`` (Llama's blocks; HF fuses q|k|v and gate|up,
-which only the receivers' name map sees) and ``gpt2`` (LayerNorm, tanh-GELU, learned positions, biases,
-tied). MoE is not run through
-Megatron here (see docs/simulator.md).
+which only the receivers' name map sees), ``gpt2`` (LayerNorm, tanh-GELU, learned positions,
+biases, tied) and the MoE families ``mixtral``, ``qwen2_moe`` (a gated shared expert) and
+``qwen3_moe`` (a dense first layer), at TP, EP and PP; docs/simulator.md lists why the other
+families are not run through Megatron here.
 """
 
 from __future__ import annotations

@@ -51,6 +51,13 @@ class EngineAdapter(Protocol):
         """A subset of :data:`CAPABILITIES`."""
         ...
 
+    @property
+    def families(self) -> tuple[str, ...]:
+        """The model families (HF ``model_type`` s of the suite's tiny models: ``llama``,
+        ``qwen3_moe``, ``deepseek_v3``...) :meth:`build_model` builds; the suite refits
+        each."""
+        ...
+
     def build_model(self, kind: str, *, seed: int = 0, **config: Any) -> torch.nn.Module:
         """Build (or wrap) the engine's model for a tiny config of model family ``kind``."""
         ...

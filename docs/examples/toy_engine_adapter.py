@@ -62,6 +62,7 @@ class ToyEngineAdapter:
     def __init__(self) -> None:
         self.backend = CpuMockBackend()
         self.capabilities = caps.CAPABILITIES - {caps.MOE, caps.FP8, caps.SHARDED}
+        self.families = ("llama", "qwen2", "qwen3")  # the model families this engine serves
         self.paused = False
         self.graphs = GraphRunner(backend=self.backend)
 

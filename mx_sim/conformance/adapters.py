@@ -30,7 +30,7 @@ from mx_reference.refit.apply import apply_in_place, model_parameters
 from mx_reference.refit.planner import TargetLayout
 from mx_reference.refit.receiver import RefitReceiver
 from mx_sim.cpu_mock import CpuMockBackend
-from mx_sim.fixtures import TinyModelSpec, build_tiny_model
+from mx_sim.fixtures import MODEL_BUILDERS, TinyModelSpec, build_tiny_model
 
 
 class ReferenceAdapter:
@@ -50,6 +50,11 @@ class ReferenceAdapter:
     @property
     def backend(self) -> AcceleratorBackend:
         return self._backend
+
+    @property
+    def families(self) -> tuple[str, ...]:
+        """Every tiny model family of :data:`~mx_sim.fixtures.MODEL_BUILDERS`."""
+        return tuple(MODEL_BUILDERS)
 
     @property
     def capabilities(self) -> frozenset[str]:

@@ -53,3 +53,17 @@ def all_checks() -> list[Check]:
     from mx_sim.conformance import checks  # noqa: F401  (registers on import)
 
     return [CHECKS[k] for k in sorted(CHECKS)]
+
+
+def declared_families(adapter) -> list[str]:
+    """The model families the adapter declares (``adapter.families``); ``AssertionError``
+    for an empty declaration or a family the suite has no tiny model of."""
+    from mx_sim.fixtures import MODEL_BUILDERS
+
+    families = list(adapter.families)
+    unknown = [k for k in families if k not in MODEL_BUILDERS]
+    if not families or unknown:
+        raise AssertionError(
+            f"adapter families {families}: declare one or more of {', '.join(MODEL_BUILDERS)}"
+        )
+    return families

@@ -25,12 +25,14 @@ from transformers.utils import logging
 from mx_sim.conformance.sharded_adapter import ShardedModel, ShardedReferenceAdapter
 from mx_sim.cpu_mock import CpuMockBackend
 from mx_sim.refit.hf_tp_engine import engine_layout, load_tp_model
+from mx_sim.refit.multiprocess import HF_TP_FAMILIES
 
 
 class HfTpAdapter(ShardedReferenceAdapter):
     """Sharded ranks of transformers' TP engine; one process per rank."""
 
     ranks_as_processes = True
+    families = HF_TP_FAMILIES  # the families with a transformers TP plan
 
     def __reduce__(self) -> tuple[Any, ...]:
         return type(self), (self.backend,)

@@ -150,6 +150,8 @@ class ShardedReferenceAdapter(ReferenceAdapter):
 class VllmShapedAdapter(ShardedReferenceAdapter):
     """A vLLM-shaped sharded engine (:func:`vllm_layout`), with no forward of its own."""
 
+    families = ("llama", "qwen2", "qwen3")  # the dense families vllm_layout fuses
+
     def build_sharded(
         self, kind: str, *, tp_size: int, tp_rank: int, seed: int = 0, **config: Any
     ) -> ShardedModel:

@@ -22,7 +22,7 @@ from mx_reference.refit.apply import model_digest, model_parameters
 from mx_reference.refit.layouts import megatron_shards_from_hf
 from mx_reference.refit.planner import TargetLayout, assemble, plan_refit
 from mx_reference.refit.wire import ALIGNMENT, make_manifest
-from mx_sim.conformance.catalog import check
+from mx_sim.conformance.catalog import check, declared_families
 from mx_sim.fixtures import TinyModelSpec, VersionWeights, pp_stage
 from mx_sim.refit.faults import Fault
 from mx_sim.refit.ranks import MODEL_ID, ReceiverRank, check_cycle, snapshot
@@ -71,6 +71,18 @@ def same_layout_bit_exact(adapter) -> None:
     """Trainer TP1 -> receiver TP1 over 3 cycles: every tensor goes A -> B, logits match."""
     with _rig("llama", LLAMA) as rig:
         _cycles(rig, _rank(rig, adapter, build(adapter, "llama", LLAMA)), range(1, 4))
+
+
+@check("refit.families", requires=(caps.MIXED_TP,))
+def families(adapter) -> None:
+    """Every family the adapter declares (``families``), trainer TP2 -> receiver TP1, two
+    cycles: every tensor A -> B bit-exact, logits equal."""
+    for kind in declared_families(adapter):
+        with _rig(kind, LLAMA, trainer_tp=2) as rig:
+            try:
+                _cycles(rig, _rank(rig, adapter, build(adapter, kind, LLAMA)), range(1, 3))
+            except AssertionError as exc:
+                raise AssertionError(f"{kind}: {exc}") from exc
 
 
 @check("refit.warm_cycle_scratch", requires=(caps.MIXED_TP,))

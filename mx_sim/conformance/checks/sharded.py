@@ -24,7 +24,7 @@ import torch
 from mx_reference import adapter as caps
 from mx_reference.refit.planner import TargetLayout
 from mx_reference.refit.registry import VersionRegistry
-from mx_sim.conformance.catalog import check
+from mx_sim.conformance.catalog import check, declared_families
 from mx_sim.conformance.sharded_adapter import expected_shards
 from mx_sim.fixtures import TinyModelSpec, VersionWeights, fixed_prompt
 from mx_sim.refit.hf_tp_engine import TP_LOGITS_ATOL
@@ -36,19 +36,22 @@ TIMEOUT_S = 5.0
 KIND = "llama"
 
 
-def _on_replica(adapter: Any, trainer_tp: int, tp: int, spec: TinyModelSpec, body, *args) -> None:
-    """``body(rank, group, registry, adapter, tp, spec, *args)`` on each rank of a ``tp``-rank
-    replica, as the adapter's ranks run, while trainer TP ``trainer_tp`` publishes version 1,
-    then version 2 once every rank has counted ``refitted/v1`` (:func:`_refitted`)."""
+def _on_replica(
+    adapter: Any, trainer_tp: int, tp: int, spec: TinyModelSpec, body, kind: str = KIND
+) -> None:
+    """``body(rank, group, registry, adapter, tp, spec, kind)`` on each rank of a ``tp``-rank
+    replica, as the adapter's ranks run, while trainer TP ``trainer_tp`` publishes version 1
+    of ``kind``, then version 2 once every rank has counted ``refitted/v1``
+    (:func:`_refitted`)."""
     processes = adapter.ranks_as_processes
-    config = RigConfig(KIND, spec, trainer_tp=trainer_tp, timeout_s=TIMEOUT_S, tcp_store=processes)
+    config = RigConfig(kind, spec, trainer_tp=trainer_tp, timeout_s=TIMEOUT_S, tcp_store=processes)
     with RefitRig(config) as rig:
         rig.publish(1)
         stop = threading.Event()
         trainer = threading.Thread(target=_publish_when_refitted, args=(rig, tp, stop))
         trainer.start()
         try:
-            replica_ranks(rig, tp, body, (adapter, tp, spec, *args), processes=processes)
+            replica_ranks(rig, tp, body, (adapter, tp, spec, kind), processes=processes)
         finally:
             stop.set()
             trainer.join()
@@ -78,11 +81,17 @@ def _sharded_receiver(adapter: Any, engine: Any, registry: VersionRegistry, agen
 
 
 def _refit_rank(
-    rank: int, group: Any, registry: VersionRegistry, adapter: Any, tp: int, spec: TinyModelSpec
+    rank: int,
+    group: Any,
+    registry: VersionRegistry,
+    adapter: Any,
+    tp: int,
+    spec: TinyModelSpec,
+    kind: str,
 ) -> None:
     """One rank: versions 1 and 2 through the engine's loader, each checked."""
-    engine = adapter.build_sharded(KIND, tp_size=tp, tp_rank=rank, seed=1000, **asdict(spec))
-    weights = VersionWeights(KIND, spec)
+    engine = adapter.build_sharded(kind, tp_size=tp, tp_rank=rank, seed=1000, **asdict(spec))
+    weights = VersionWeights(kind, spec)
     agent = make_transport("sim", f"sharded-{rank}-{uuid.uuid4().hex[:8]}", serves=False)
     receiver = _sharded_receiver(adapter, engine, registry, agent, tp, rank, group)
     try:
@@ -135,9 +144,11 @@ def _check_logits(who: str, engine: Any, weights: VersionWeights, v: int, spec) 
         )
 
 
-def _replica_refit(adapter: Any, trainer_tp: int, tp: int, spec: TinyModelSpec) -> None:
+def _replica_refit(
+    adapter: Any, trainer_tp: int, tp: int, spec: TinyModelSpec, kind: str = KIND
+) -> None:
     """Trainer TP ``trainer_tp`` -> a sharded replica of ``tp`` ranks, two cycles."""
-    _on_replica(adapter, trainer_tp, tp, spec, _refit_rank)
+    _on_replica(adapter, trainer_tp, tp, spec, _refit_rank, kind)
 
 
 @check("refit.sharded_same_tp", requires=(caps.SHARDED,))
@@ -176,6 +187,17 @@ def sharded_vocab_and_tie(adapter) -> None:
     _replica_refit(adapter, 2, 2, TinyModelSpec(vocab_size=200, tie_word_embeddings=True))
 
 
+@check("refit.sharded_families", requires=(caps.SHARDED, caps.MIXED_TP))
+def sharded_families(adapter) -> None:
+    """Every family the adapter declares (``families``), trainer TP2 -> a sharded TP2 replica:
+    each rank's shards and (with a forward) logits are the new version's."""
+    for kind in declared_families(adapter):
+        try:
+            _replica_refit(adapter, 2, 2, TinyModelSpec(), kind)
+        except AssertionError as exc:
+            raise AssertionError(f"{kind}: {exc}") from exc
+
+
 @check("refit.sharded_bad_layout", requires=(caps.SHARDED,))
 def sharded_bad_layout(adapter) -> None:
     """A layout no plan covers fails at construction with a ValueError naming the tensor: a
@@ -184,11 +206,18 @@ def sharded_bad_layout(adapter) -> None:
     processes = adapter.ranks_as_processes
     config = RigConfig(KIND, trainer_tp=1, timeout_s=TIMEOUT_S, tcp_store=processes)
     with RefitRig(config) as rig:
-        replica_ranks(rig, 2, _bad_layout_rank, (adapter, 2, TinyModelSpec()), processes=processes)
+        args = (adapter, 2, TinyModelSpec(), KIND)
+        replica_ranks(rig, 2, _bad_layout_rank, args, processes=processes)
 
 
 def _bad_layout_rank(
-    rank: int, group: Any, registry: VersionRegistry, adapter: Any, tp: int, spec: TinyModelSpec
+    rank: int,
+    group: Any,
+    registry: VersionRegistry,
+    adapter: Any,
+    tp: int,
+    spec: TinyModelSpec,
+    kind: str,
 ) -> None:
     from mx_reference.refit.shards import SlicePart
 
@@ -200,7 +229,7 @@ def _bad_layout_rank(
         "placement": (qkv, (SlicePart(q_proj, 0, 0, 24),), (24, 64)),
         "shape": (o_proj, (SlicePart(o_proj, 1, 0, 32),), (64, 16)),
     }
-    engine = adapter.build_sharded(KIND, tp_size=tp, tp_rank=rank, **asdict(spec))
+    engine = adapter.build_sharded(kind, tp_size=tp, tp_rank=rank, **asdict(spec))
     layout, local = engine.layout, engine.local
     agent = make_transport("sim", f"sharded-{rank}-{uuid.uuid4().hex[:8]}", serves=False)
     try:

@@ -29,7 +29,7 @@ def test_reference_adapter_passes_every_check_but_the_sharded_ones():
     assert skipped and all(s.startswith("refit.sharded_") for s in skipped), skipped
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(240)
 @pytest.mark.parametrize("factory", [vllm_shaped_adapter, hf_tp_adapter])
 def test_sharded_reference_adapters_pass_every_check(factory):
     """The vLLM-shaped engine (ranks as threads, declared layout, no forward) and
@@ -39,7 +39,7 @@ def test_sharded_reference_adapters_pass_every_check(factory):
     assert not [r.id for r in report.results if r.status == "skipped"]
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(180)
 @pytest.mark.parametrize("name", MUTANTS)
 def test_mutant_is_caught(name):
     module = importlib.import_module(f"mutants.{name}")

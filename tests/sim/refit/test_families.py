@@ -8,6 +8,7 @@ import pytest
 
 from mx_reference.refit.name_maps import RefitModelConfig
 from mx_reference.refit.planner import TargetLayout
+from mx_reference.transport.nixl import nixl_available
 from mx_sim.fixtures import MODEL_BUILDERS, TinyModelSpec, build_tiny_model, version_model
 from mx_sim.refit.ranks import ReceiverRank
 from mx_sim.refit.rig import RefitRig, Replica, RigConfig
@@ -52,3 +53,17 @@ def test_family_refits_bit_exactly_from_every_trainer_tp(kind, trainer_tp):
 def test_from_hf_reads_each_familys_layout(kind, norms, fused, qk_norm):
     cfg = RefitModelConfig.from_hf(build_tiny_model(kind).config)
     assert (cfg.norms, cfg.fused, cfg.qk_norm) == (norms, fused, qk_norm)
+
+
+@pytest.mark.skipif(not nixl_available(), reason="nixl wheel not installed")
+@pytest.mark.timeout(120)
+def test_every_family_refits_over_real_nixl():
+    """The same bytes over NIXL's UCX backend: each family, trainer TP2 -> one rank, twice."""
+    for kind in MODEL_BUILDERS:
+        with RefitRig(RigConfig(kind, trainer_tp=2, transport="nixl")) as rig:
+            model = version_model(kind, None, 0)
+            rank = ReceiverRank(rig.new_receiver(model), model, rig.weights)
+            for v in (1, 2):
+                rig.publish(v)
+                _, problems = rank.cycle(v)
+                assert not problems, (kind, problems)

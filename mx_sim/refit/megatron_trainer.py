@@ -144,23 +144,21 @@ class MegatronModelSpec:
     def transformer_config(self, tp: int, pp: int, ep: int = 1):
         from megatron.core.transformer import TransformerConfig
 
-        s, gpt2 = self.spec, self.gpt2
+        s, gpt2, hf, cfg = self.spec, self.gpt2, self.hf_config, self.refit_config()
         return TransformerConfig(
             num_layers=s.num_layers,
             hidden_size=s.hidden_size,
             num_attention_heads=s.num_heads,
             num_query_groups=s.num_heads if gpt2 else s.num_kv_heads,
-            ffn_hidden_size=4 * s.hidden_size if gpt2 else self.hf_config.intermediate_size,
+            ffn_hidden_size=4 * s.hidden_size if gpt2 else hf.intermediate_size,
             kv_channels=s.hidden_size // s.num_heads,
             normalization="LayerNorm" if gpt2 else "RMSNorm",
-            layernorm_epsilon=self.hf_config.layer_norm_epsilon
-            if gpt2
-            else self.hf_config.rms_norm_eps,
+            layernorm_epsilon=hf.layer_norm_epsilon if gpt2 else hf.rms_norm_eps,
             gated_linear_unit=not gpt2,
             activation_func=(lambda x: F.gelu(x, approximate="tanh")) if gpt2 else F.silu,
             add_bias_linear=gpt2,
-            add_qkv_bias=gpt2 or self.refit_config().qkv_bias,
-            qk_layernorm=self.refit_config().qk_norm,
+            add_qkv_bias=cfg.qkv_bias,
+            qk_layernorm=cfg.qk_norm,
             tensor_model_parallel_size=tp,
             pipeline_model_parallel_size=pp,
             params_dtype=torch.float32,

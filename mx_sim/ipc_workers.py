@@ -7,17 +7,21 @@ children can import them.
 
 from __future__ import annotations
 
+import os
 import queue
 import random
+import signal
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.multiprocessing as tmp
 
 from mx_reference.ipc import (
     Decoder,
     Encoder,
+    ReceiverStarved,
     SharedChannelConfig,
     SharedTensorReceiver,
     SharedTensorSender,
@@ -60,8 +64,13 @@ class Plan:
     messages: int
     seed: int
     disabled_producers: tuple[int, ...] = ()  # these send inline (counted fallbacks)
+    killed_producers: tuple[int, ...] = ()  # these SIGKILL themselves after a burst:
+    killed_after: int = 0  # this many messages, sent without pauses
     max_sleep_s: float = 0.002
     drain_timeout_s: float = 20.0
+
+    def survivors(self, num_producers: int) -> int:
+        return num_producers - len(self.killed_producers)
 
 
 def producer_main(
@@ -78,13 +87,17 @@ def producer_main(
     sender = SharedTensorSender(queues, slot, config)
     encoder = Encoder(sender)
     rng = random.Random(plan.seed * 1000 + slot)
-    for seq in range(plan.messages):
+    killed = slot in plan.killed_producers
+    for seq in range(plan.killed_after if killed else plan.messages):
         target = rng.randrange(len(headers))
         msg = {"producer": slot, "seq": seq, "target": target, "tensors": make_tensors(slot, seq)}
         with request_scope(sender, f"p{slot}-{seq}", target):
             frames = encoder.encode(msg)
         headers[target].put([bytes(f) for f in frames])
-        time.sleep(rng.random() * plan.max_sleep_s)
+        if not killed:
+            time.sleep(rng.random() * plan.max_sleep_s)
+    if killed:
+        _die(queues, headers, results, slot, sender.sent)
     for h in headers:
         h.put(DONE)
     deadline = time.monotonic() + plan.drain_timeout_s
@@ -101,6 +114,18 @@ def producer_main(
     queues.close()
 
 
+def _die(queues: TensorQueues, headers: list[Any], results: Any, slot: int, sent: int) -> None:
+    """Flush every queue this producer wrote to, report, and SIGKILL this process: its tensors
+    still in the pipes can no longer be fetched (its fd server dies with it)."""
+    for q in (*queues.data, *headers):
+        q.close()
+        q.join_thread()
+    results.put(("killed", slot, {"sent": sent, "at": time.monotonic()}))
+    results.close()
+    results.join_thread()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 def consumer_main(
     queues: TensorQueues,
     headers: list[Any],
@@ -109,12 +134,16 @@ def consumer_main(
     num_producers: int,
     config: SharedChannelConfig,
 ) -> None:
+    """Decode until ``num_producers`` said done. A message whose tensors will never come is
+    recorded in ``failed`` (with the time) and the consumer goes on with the next one."""
     setup_sharing(config)
     receiver = SharedTensorReceiver(queues, index, config)
     decoder = Decoder(source=receiver)
     seen: list[
         tuple[int, int, int, int, int, bool]
     ] = []  # producer, seq, target, tensors, bytes, ok
+    delivered_at: list[float] = []  # time.monotonic() of each entry of seen
+    failed: list[tuple[str, float]] = []  # error type, time.monotonic()
     done = 0
     while done < num_producers:
         try:
@@ -124,7 +153,11 @@ def consumer_main(
         if frames == DONE:
             done += 1
             continue
-        msg = decoder.decode(frames)
+        try:
+            msg = decoder.decode(frames)
+        except ReceiverStarved as exc:
+            failed.append((type(exc).__name__, time.monotonic()))
+            continue
         expected = make_tensors(msg["producer"], msg["seq"])
         got = msg["tensors"]
         ok = len(got) == len(expected) and all(
@@ -132,15 +165,70 @@ def consumer_main(
         )
         nbytes = sum(t.numel() * t.element_size() for t in got)
         seen.append((msg["producer"], msg["seq"], msg["target"], len(got), nbytes, ok))
+        delivered_at.append(time.monotonic())
         del msg, got
     stats = {
         "done": done,
         "received": receiver.received,
         "buffered": len(receiver.buffer),
+        "expired": receiver.buffer.expired,
         "lost": receiver.lost,
+        "gone": len(receiver.gone),
     }
-    results.put(("consumer", index, {"seen": seen, **stats}))
+    receiver.close()
+    report = {"seen": seen, "delivered_at": delivered_at, "failed": failed, **stats}
+    results.put(("consumer", index, report))
     queues.close()
+
+
+def run_processes(
+    num_producers: int,
+    num_consumers: int,
+    plan: Plan,
+    config: SharedChannelConfig,
+    timeout_s: float,
+) -> tuple[dict[tuple[str, int], dict[str, Any]], float]:
+    """Run ``producer_main`` and ``consumer_main`` processes over one set of queues; returns
+    each process's report keyed ``(role, index)`` (``"killed"`` for a producer of
+    ``plan.killed_producers``) and the wall seconds. ``TimeoutError`` names what went missing."""
+    ctx = tmp.get_context("spawn")
+    queues = TensorQueues.create(num_producers, num_consumers, ctx)
+    headers = [ctx.Queue() for _ in range(num_consumers)]
+    results = ctx.Queue()
+    procs = [
+        ctx.Process(
+            target=producer_main, args=(queues, headers, results, p, plan, config), daemon=True
+        )
+        for p in range(num_producers)
+    ] + [
+        ctx.Process(
+            target=consumer_main,
+            args=(queues, headers, results, c, plan.survivors(num_producers), config),
+            daemon=True,
+        )
+        for c in range(num_consumers)
+    ]
+    start = time.perf_counter()
+    reports: dict[tuple[str, int], dict[str, Any]] = {}
+    try:
+        for p in procs:
+            p.start()
+        while len(reports) < len(procs):
+            role, index, report = results.get(timeout=timeout_s)
+            reports[(role, index)] = report
+    except queue.Empty:
+        raise TimeoutError(f"only {len(reports)} of {len(procs)} processes reported") from None
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+                p.join()
+        for q in (*headers, results):
+            q.close()
+            q.cancel_join_thread()
+        queues.close()
+    return reports, time.perf_counter() - start
 
 
 def echo_consumer(

@@ -95,6 +95,7 @@ def consumer(
     maps_holding = shared_mappings()
     del held
     gc.collect()
+    receiver.close()  # its pidfd watching the producer
     report = {
         "values": values,
         "fds": (fds0, fd_count()),

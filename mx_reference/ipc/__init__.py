@@ -16,6 +16,7 @@ from mx_reference.ipc.codec import (
 )
 from mx_reference.ipc.requests import TensorBuffer, normalize_request_ids, request_scope
 from mx_reference.ipc.shared import (
+    ProducerGone,
     ReceiverStarved,
     SharedChannelConfig,
     SharedTensorReceiver,
@@ -31,6 +32,7 @@ __all__ = [
     "Decoder",
     "Encoder",
     "InlineChannel",
+    "ProducerGone",
     "ReceiverStarved",
     "SharedChannelConfig",
     "SharedTensorReceiver",

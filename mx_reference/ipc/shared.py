@@ -7,11 +7,19 @@ servers) writing to any of them, and one ack queue per producer. Each shipped te
 dtype, shape and device on arrival, acks it, and the producer drops its reference on the ack
 (or after a TTL when the consumer died).
 
+A handle also names its producer's pid. A receiver waiting for a tensor watches that process
+(a Linux pidfd) as well as its queue, so a producer's death ends the wait at once: it is noticed
+once, and every later message that names a tensor the dead producer never delivered fails
+straight away with :class:`ProducerGone`, however many were in flight. Other producers' tensors
+keep flowing and are never reclaimed on its account.
+
 Sharing strategy: ``file_descriptor`` (the Linux default), because its shared segments are
 unlinked as soon as they are created, so a SIGKILLed producer or consumer leaves nothing in
 ``/dev/shm``. The cost is one fd per in-flight storage, held by the producer (in
-``multiprocessing``'s resource sharer) until the consumer fetches it; ``file_system`` would keep
-named ``/dev/shm/torch_*`` segments that outlive a crash.
+``multiprocessing``'s resource sharer) until the consumer fetches it, or until the TTL gives up on
+a consumer that never will: then the producer withdraws the fd, so a dead consumer costs a
+bounded number of fds. ``file_system`` would keep named ``/dev/shm/torch_*`` segments that
+outlive a crash.
 
 The queues pickle (``torch.multiprocessing`` reductions): they connect processes this program
 spawned, never untrusted peers. The codec's decoder itself never unpickles.
@@ -19,8 +27,11 @@ spawned, never untrusted peers. The codec's decoder itself never unpickles.
 
 from __future__ import annotations
 
+import io
 import logging
+import multiprocessing.connection
 import multiprocessing.queues
+import os
 import queue
 import time
 import uuid
@@ -28,6 +39,8 @@ import weakref
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from multiprocessing import resource_sharer
+from multiprocessing.reduction import ForkingPickler
 from typing import Any, Literal, NamedTuple
 
 import torch
@@ -44,6 +57,10 @@ SHAREABLE_DEVICES = ("cpu", "cuda")
 class ReceiverStarved(TimeoutError):
     """The handle named a tensor that did not arrive in time: the producer is dead, slow, or
     lost it. (A producer that fell back to inline sends frames, so its receiver never waits.)"""
+
+
+class ProducerGone(ReceiverStarved):
+    """The handle named a tensor of a producer whose process has exited: it will never arrive."""
 
 
 @dataclass(frozen=True)
@@ -120,6 +137,52 @@ class TensorQueues:
                 q.cancel_join_thread()
 
 
+class _FdNotingPickler(ForkingPickler):
+    """Torch's pickler (``torch.multiprocessing`` reductions), noting the key under which this
+    process's fd server (``multiprocessing.resource_sharer``) offers each storage it pickles."""
+
+    def __init__(self, file: io.BytesIO):
+        super().__init__(file)
+        self.fd_keys: list[int] = []
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, resource_sharer.DupFd):
+            self.fd_keys.append(obj._id[1])
+        return NotImplemented  # pickle it as usual
+
+
+def _pickle_item(item: TensorItem) -> tuple[bytes, list[int]]:
+    """``item`` as the bytes a process queue would send, and the fd-server keys of its storages.
+
+    Pickled here rather than in the queue's feeder thread, so the producer knows which fds it
+    offers for this tensor and can withdraw them when no consumer ever fetches them."""
+    buffer = io.BytesIO()
+    pickler = _FdNotingPickler(buffer)
+    pickler.dump(item)
+    return buffer.getvalue(), pickler.fd_keys
+
+
+def _withdraw_fds(keys: Iterable[int]) -> None:
+    """Close the fds this process still offers under ``keys``: their consumer never fetched them.
+
+    ``multiprocessing`` has no public call for this; its resource sharer keeps each offered fd
+    in ``_cache`` until a consumer connects for it, and a consumer that comes after all gets a
+    closed connection, which it counts as lost."""
+    sharer = resource_sharer._resource_sharer
+    for key in keys:
+        with sharer._lock:
+            entry = sharer._cache.pop(key, None)
+        if entry is not None:
+            entry[1]()  # the DupFd's close()
+
+
+@dataclass
+class _InFlight:
+    tensor: torch.Tensor  # kept alive until acked or past the TTL
+    sent: float
+    fd_keys: list[int]
+
+
 # Storages this process received, so a tensor sent on is cloned first (torch's documented rule;
 # a CUDA IPC handle cannot be re-exported). Keyed by data pointer, a weak ref says it is alive.
 _received: dict[int, weakref.ref[torch.Tensor]] = {}
@@ -170,7 +233,7 @@ class SharedTensorSender:
         self.resend_clones = 0
         self.expired = 0
         self.fallbacks: Counter[str] = Counter()
-        self._in_flight: dict[tuple[int, int], tuple[torch.Tensor, float]] = {}
+        self._in_flight: dict[tuple[int, int], _InFlight] = {}
 
     def set_target(self, target: int) -> None:
         """Route the following tensors to consumer ``target``."""
@@ -224,16 +287,22 @@ class SharedTensorSender:
         item = TensorItem(
             self.producer_id, self.slot, self.message_id, self._index, self.request_id, tensor
         )
+        data = self.queues.data[self.target]
+        payload, fd_keys = (
+            _pickle_item(item) if isinstance(data, multiprocessing.queues.Queue) else (item, [])
+        )
         try:
-            self.queues.data[self.target].put(item, timeout=self.config.put_timeout_s)
+            data.put(payload, timeout=self.config.put_timeout_s)
         except queue.Full:
+            _withdraw_fds(fd_keys)
             self._fallback("queue_full")
             return None
-        self._in_flight[(self.message_id, self._index)] = (tensor, self.clock())
+        self._in_flight[(self.message_id, self._index)] = _InFlight(tensor, self.clock(), fd_keys)
         self._index += 1
         self.sent += 1
         return {
             "producer": self.producer_id,
+            "pid": os.getpid(),
             "slot": self.slot,
             "message": item.message_id,
             "index": item.tensor_index,
@@ -241,7 +310,8 @@ class SharedTensorSender:
         }
 
     def reap(self) -> int:
-        """Drop references the consumers acked, and those unacked past the TTL; returns how many."""
+        """Drop references the consumers acked, and those unacked past the TTL (withdrawing the
+        fds offered for them); returns how many."""
         before = len(self._in_flight)
         acks = self.queues.acks[self.slot]
         while True:
@@ -251,13 +321,19 @@ class SharedTensorSender:
                 break
             self._in_flight.pop((message_id, index), None)
         deadline = self.clock() - self.config.ttl_s
-        expired = [k for k, (_, sent) in self._in_flight.items() if sent < deadline]
+        expired = [k for k, entry in self._in_flight.items() if entry.sent < deadline]
         for key in expired:
-            del self._in_flight[key]
+            _withdraw_fds(self._in_flight.pop(key).fd_keys)
         if expired:
+            # once at warning level: a dead consumer would otherwise log on every message
+            level = logging.DEBUG if self.expired else logging.WARNING
             self.expired += len(expired)
-            log.warning(
-                "producer %s: %d tensors never acked, released", self.producer_id, len(expired)
+            log.log(
+                level,
+                "producer %s: %d tensors never acked, released (and %d before)",
+                self.producer_id,
+                len(expired),
+                self.expired - len(expired),
             )
         return before - len(self._in_flight)
 
@@ -273,7 +349,9 @@ class SharedTensorReceiver:
     """Consumer side: a :class:`~mx_reference.ipc.codec.TensorSource` for the decoder.
 
     Tensors that arrive before their message (another producer's, or a later one) wait in
-    :attr:`buffer`; :meth:`abort`, :meth:`poll` (TTL) and newer messages free them.
+    :attr:`buffer`; :meth:`abort`, :meth:`poll` (TTL) and newer messages free them. Producers
+    whose process exited are in :attr:`gone`; :meth:`close` releases the pidfds that watch the
+    others.
     """
 
     def __init__(
@@ -289,9 +367,9 @@ class SharedTensorReceiver:
         self.queues, self.consumer, self.config, self.clock = queues, consumer, config, clock
         self.buffer = TensorBuffer(config.ttl_s, clock)
         self.received = 0
-        self.lost = (
-            0  # items that could not be rebuilt (their producer died before we fetched them)
-        )
+        self.lost = 0  # items that could not be rebuilt (their producer died before the fetch)
+        self.gone: set[str] = set()  # producers whose process exited
+        self._pidfds: dict[str, int] = {}  # producer -> a pidfd of its process, while it lives
 
     def abort(self, request_ids: str | Iterable[str]) -> int:
         """Free every buffered tensor of these requests; one id or a collection of ids."""
@@ -303,18 +381,72 @@ class SharedTensorReceiver:
             pass
         return self.buffer.expire()
 
-    def _receive(self, timeout: float) -> bool:
-        """Move one item from the queue into the buffer; False when none came within ``timeout``."""
+    def close(self) -> None:
+        """Release the pidfds watching producers."""
+        for fd in self._pidfds.values():
+            os.close(fd)
+        self._pidfds.clear()
+
+    def _watch(self, producer: str, pid: int) -> None:
+        """Watch ``producer``'s process, once. Only across processes, and only where Linux pidfds
+        exist; elsewhere a dead producer's tensors fail after ``get_timeout_s`` each."""
+        data = self.queues.data[self.consumer]
+        if (
+            producer in self._pidfds
+            or producer in self.gone
+            or pid == os.getpid()
+            or not isinstance(data, multiprocessing.queues.Queue)
+            or not hasattr(os, "pidfd_open")
+        ):
+            return
+        for other, fd in list(self._pidfds.items()):  # bury exited producers: bounded pidfds
+            if multiprocessing.connection.wait([fd], 0):
+                self._bury(other)
+        try:
+            self._pidfds[producer] = os.pidfd_open(pid)
+        except ProcessLookupError:
+            self._bury(producer)
+
+    def _bury(self, producer: str) -> None:
+        """``producer``'s process exited: note it once, and buffer what its queue still holds."""
+        fd = self._pidfds.pop(producer, None)
+        if fd is not None:
+            os.close(fd)
+        self.gone.add(producer)
+        lost = self.lost
+        while self._receive(0.0):
+            pass
+        log.warning(
+            "consumer %d: producer %s exited; its undelivered tensors are lost (%d in the queue)",
+            self.consumer,
+            producer,
+            self.lost - lost,
+        )
+
+    def _receive(self, timeout: float, watch: str | None = None) -> bool:
+        """Move one item from the queue into the buffer. False when none came within ``timeout``;
+        True as soon as one did, or as soon as the watched producer's process exited (then it is
+        in :attr:`gone`)."""
         q = self.queues.data[self.consumer]
+        pidfd = self._pidfds.get(watch) if watch is not None else None
+        if pidfd is not None and timeout > 0:
+            # one blocking wait on the queue's pipe and on the producer's exit, whichever is first
+            ready = multiprocessing.connection.wait([q._reader, pidfd], timeout)
+            if pidfd in ready:
+                self._bury(watch)
+                return True
+            if not ready:
+                return False
+            timeout = 0.0
         try:
             item = q.get(timeout=timeout) if timeout > 0 else q.get_nowait()
+            if isinstance(item, bytes):  # pickled by the producer (_pickle_item)
+                item = ForkingPickler.loads(item)
         except queue.Empty:
             return False
         except (OSError, EOFError) as exc:  # the producer's fd server is gone: the item is lost
             self.lost += 1
-            log.warning(
-                "consumer %d: lost a tensor whose producer is gone (%s)", self.consumer, exc
-            )
+            log.debug("consumer %d: lost a tensor whose producer is gone (%s)", self.consumer, exc)
             return True
         self.received += 1
         key = (item.producer_id, item.message_id, item.tensor_index)
@@ -330,6 +462,7 @@ class SharedTensorReceiver:
         self, dtype: torch.dtype, shape: tuple[int, ...], handle: dict[str, Any]
     ) -> torch.Tensor:
         producer = _handle_field(handle, "producer", str)
+        pid = _handle_field(handle, "pid", int)
         message_id = _handle_field(handle, "message", int)
         index = _handle_field(handle, "index", int)
         device = _handle_field(handle, "device", str)
@@ -339,10 +472,16 @@ class SharedTensorReceiver:
         except ValueError as exc:
             raise DecodeError(str(exc)) from exc
         self.buffer.expire()
+        self._watch(producer, pid)
         deadline = self.clock() + self.config.get_timeout_s
         while (entry := self.buffer.take((producer, message_id, index))) is None:
+            if producer in self.gone:
+                raise ProducerGone(
+                    f"consumer {self.consumer}: {what}: the producer's process (pid {pid}) "
+                    f"exited before delivering it ({self.lost} tensors lost)"
+                )
             remaining = deadline - self.clock()
-            if remaining <= 0 or not self._receive(remaining):
+            if remaining <= 0 or not self._receive(remaining, watch=producer):
                 raise ReceiverStarved(
                     f"consumer {self.consumer}: {what} did not arrive within "
                     f"{self.config.get_timeout_s} s ({len(self.buffer)} other tensors buffered, "

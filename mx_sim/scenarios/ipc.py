@@ -4,16 +4,12 @@ right consumer, exactly once."""
 from __future__ import annotations
 
 import pathlib
-import queue
-import time
 from collections import Counter
-from typing import Any
 
-import torch.multiprocessing as tmp
-
-from mx_reference.ipc import SharedChannelConfig, TensorQueues
-from mx_sim.ipc_workers import Plan, consumer_main, make_tensors, producer_main
+from mx_reference.ipc import SharedChannelConfig
+from mx_sim.ipc_workers import Plan, make_tensors, run_processes
 from mx_sim.report import ScenarioResult
+from mx_sim.scenarios import ipc_faults
 
 
 def run_fan_in(
@@ -27,46 +23,10 @@ def run_fan_in(
         Plan(messages=40, seed=0, disabled_producers=(num_producers - 1,)) if plan is None else plan
     )
     config = SharedChannelConfig(get_timeout_s=20.0, ttl_s=30.0)
-    ctx = tmp.get_context("spawn")
-    queues = TensorQueues.create(num_producers, num_consumers, ctx)
-    headers = [ctx.Queue() for _ in range(num_consumers)]
-    results = ctx.Queue()
-    procs = [
-        ctx.Process(
-            target=producer_main, args=(queues, headers, results, p, plan, config), daemon=True
-        )
-        for p in range(num_producers)
-    ] + [
-        ctx.Process(
-            target=consumer_main,
-            args=(queues, headers, results, c, num_producers, config),
-            daemon=True,
-        )
-        for c in range(num_consumers)
-    ]
-    start = time.perf_counter()
-    reports: dict[tuple[str, int], dict[str, Any]] = {}
     try:
-        for p in procs:
-            p.start()
-        while len(reports) < len(procs):
-            role, index, report = results.get(timeout=timeout_s)
-            reports[(role, index)] = report
-    except queue.Empty:
-        return ScenarioResult(
-            "ipc_fan_in", False, f"only {len(reports)} of {len(procs)} processes reported"
-        )
-    finally:
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-                p.join()
-        for q in (*headers, results):
-            q.close()
-            q.cancel_join_thread()
-        queues.close()
-    seconds = time.perf_counter() - start
+        reports, seconds = run_processes(num_producers, num_consumers, plan, config, timeout_s)
+    except TimeoutError as exc:
+        return ScenarioResult("ipc_fan_in", False, str(exc))
     return _check(reports, num_producers, num_consumers, plan, seconds)
 
 
@@ -117,4 +77,4 @@ def _check(
 
 def run(out_dir: pathlib.Path, quick: bool) -> list[ScenarioResult]:
     plan = Plan(messages=20 if quick else 80, seed=0, disabled_producers=(2,))
-    return [run_fan_in(3, 2, plan)]
+    return [run_fan_in(3, 2, plan), *ipc_faults.run(quick)]

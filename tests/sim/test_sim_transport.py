@@ -154,6 +154,7 @@ def _raw_client(agent: SimTransport, token: str):
     return sock, meta
 
 
+@pytest.mark.reliability
 def test_a_client_without_the_metadata_token_is_not_served():
     from mx_sim.sim_transport import _Read, _recv, _send
 
@@ -173,6 +174,7 @@ def test_a_client_without_the_metadata_token_is_not_served():
         src_t.close()
 
 
+@pytest.mark.reliability
 def test_a_read_into_a_file_outside_torch_shared_memory_is_refused(tmp_path):
     from mx_sim.sim_transport import _Read, _recv, _send
 

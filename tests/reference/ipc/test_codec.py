@@ -222,6 +222,7 @@ def test_frame_referenced_twice():
     ],
     ids=["fixarray-1000", "fixmap-500", "array32-200", "cap+1"],
 )
+@pytest.mark.reliability
 def test_deep_nesting_is_a_decode_error_not_a_recursion_error(header):
     with pytest.raises(DecodeError, match=f"nested deeper than {MAX_DEPTH} levels"):
         Decoder().decode([header])

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import time
 
 import pytest
 import torch
@@ -16,6 +18,7 @@ from mx_reference.ipc import (
     DecodeError,
     Decoder,
     Encoder,
+    ProducerGone,
     ReceiverStarved,
     SharedChannelConfig,
     SharedTensorReceiver,
@@ -121,7 +124,8 @@ def test_receiver_checks_dtype_shape_and_device_on_arrival(field):
     "handle, field",
     [
         ({"message": 0, "index": 0, "device": "cpu"}, "producer"),
-        ({"producer": "p", "message": "0"}, "message"),
+        ({"producer": "p", "message": 0}, "pid"),
+        ({"producer": "p", "pid": 1, "message": "0"}, "message"),
     ],
 )
 def test_malformed_handle_names_the_field(handle, field):
@@ -245,3 +249,52 @@ def test_file_system_strategy_names_dev_shm_segments_file_descriptor_does_not():
         assert len(named) == 1
     finally:
         tmp.set_sharing_strategy(previous)
+
+
+def test_the_ttl_withdraws_the_fds_offered_for_tensors_no_consumer_fetched():
+    """A producer whose consumer died: each unfetched tensor holds an fd in the fd server
+    (``multiprocessing.resource_sharer``) until its TTL, not until the producer exits."""
+    clock = Clock()
+    queues = TensorQueues.create(1, 1)  # process queues: their items are pickled with an fd each
+    sender = SharedTensorSender(queues, 0, SharedChannelConfig(ttl_s=1.0), clock)
+    fds = lambda: len(os.listdir("/proc/self/fd"))  # noqa: E731
+    try:
+        send(sender, "r0", torch.ones(1000))
+        before = fds()
+        for i in range(20):
+            send(sender, f"r{i + 1}", torch.ones(1000))
+        assert fds() >= before + 20 and sender.pending == 21
+        clock.now = 2.0
+        assert sender.reap() == 21 and sender.expired == 21
+        assert fds() < before
+    finally:
+        queues.close()
+
+
+def _exited_pid() -> int:
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
+
+
+@pytest.mark.parametrize("lifetime", ["exited", "exits_while_waited_for"])
+def test_a_tensor_of_a_producer_whose_process_exits_fails_at_once(lifetime):
+    """No wait of ``get_timeout_s`` (60 s here) for a tensor whose producer is gone: the
+    receiver watches the producer's process while it waits (a zombie counts as exited)."""
+    queues = TensorQueues.create(1, 1)
+    receiver = SharedTensorReceiver(queues, 0, SharedChannelConfig(get_timeout_s=60.0))
+    child = subprocess.Popen(["sleep", "0.3"]) if lifetime != "exited" else None
+    pid = child.pid if child else _exited_pid()
+    handle = {"producer": "p0-x", "pid": pid, "message": 0, "index": 0, "device": "cpu"}
+    start = time.monotonic()
+    try:
+        with pytest.raises(ProducerGone, match=f"process \\(pid {pid}\\) exited"):
+            receiver.open(torch.float32, (4,), handle)
+        assert time.monotonic() - start < 5 and receiver.gone == {"p0-x"}
+        with pytest.raises(ProducerGone):  # its later messages fail without waiting either
+            receiver.open(torch.float32, (4,), {**handle, "message": 1})
+    finally:
+        receiver.close()
+        queues.close()
+        if child:
+            child.wait()

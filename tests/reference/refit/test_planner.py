@@ -198,6 +198,7 @@ def test_plan_cache_hits_across_versions_and_rebuilds_on_layout_change():
     assert cache.misses == 3 and len(cache._plans) == 2
 
 
+@pytest.mark.reliability
 def test_plan_cache_hit_refuses_a_mixed_version_set():
     # rank 0 at v2 and rank 1 at v1 is no version at all: plan_refit refuses it, and so must a
     # cache that already holds the plan of a consistent set with the same layout

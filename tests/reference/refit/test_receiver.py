@@ -343,6 +343,7 @@ def test_benchmark_quick_writes_results_and_plot(tmp_path):
     assert (tmp_path / "refit.json").exists() and (tmp_path / "refit_phases.png").exists()
 
 
+@pytest.mark.reliability
 @pytest.mark.parametrize("rows", [2**34, 2**28, 65])
 def test_a_manifest_declaring_a_shape_the_model_does_not_have_allocates_nothing(rig_factory, rows):
     # a hostile or mismatched manifest: the final norm claims `rows` elements (the model has 64).
@@ -365,6 +366,7 @@ def test_a_manifest_declaring_a_shape_the_model_does_not_have_allocates_nothing(
     assert model_digest(rig.model) == digest
 
 
+@pytest.mark.reliability
 def test_a_failed_cold_cycle_releases_the_arenas_it_allocated(rig_factory):
     rig = rig_factory(trainer_tp=2, fault=Fault("read_failed", cycle=1, rank=1))
     with pytest.raises(RefitError, match="injected failure"):

@@ -114,6 +114,7 @@ def test_concurrent_publishers_over_tcpstore():
             p.join(timeout=5)
 
 
+@pytest.mark.reliability
 def test_a_garbage_index_is_a_value_error_and_a_refit_error_in_refit():
     from mx_reference.refit.receiver import RefitError
     from mx_sim.refit.rig import RefitRig, RigConfig
@@ -126,6 +127,7 @@ def test_a_garbage_index_is_a_value_error_and_a_refit_error_in_refit():
             rig.receiver.refit(1)
 
 
+@pytest.mark.reliability
 def test_an_index_naming_an_uncommitted_version_waits_the_registry_timeout_only():
     import time
 

@@ -18,6 +18,7 @@ def listening(port: int) -> list[str]:
     return found
 
 
+@pytest.mark.reliability
 def test_the_run_store_listens_on_loopback_only():
     store, addr = host_store("t")
     try:
@@ -50,6 +51,7 @@ def _own_listeners() -> list[str]:
     return found
 
 
+@pytest.mark.reliability
 def test_simulator_nixl_agents_listen_on_loopback_only(monkeypatch):
     import pytest
     import torch

@@ -75,6 +75,7 @@ def _struck_rank(kind: str) -> int:
     return 0 if FAULTS[kind].side == "trainer" else FAULT_TOPOLOGY.world_size - 1
 
 
+@pytest.mark.reliability
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("kind", list(FAULTS))
 def test_faults_end_with_clear_errors_and_untouched_models(kind):
@@ -148,6 +149,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.reliability
 @pytest.mark.timeout(150)
 def test_torchrun_two_node_groups_on_loopback(tmp_path):
     port = _free_port()

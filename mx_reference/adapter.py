@@ -10,6 +10,7 @@ silently passed.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+from contextlib import AbstractContextManager
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -95,14 +96,25 @@ class EngineAdapter(Protocol):
         """
         ...
 
-    def pause(self) -> None:
-        """Stop scheduling inference so weights can be swapped."""
+    def inference(self) -> AbstractContextManager[None]:
+        """The engine's scheduler admitting one forward pass: it runs inside
+        ``with adapter.inference():``, which waits while the engine is paused."""
         ...
 
-    def resume(self) -> None: ...
+    def pause(self) -> None:
+        """Stop scheduling inference so weights can be swapped: returns only once no forward
+        is running (every ``inference()`` block entered before has exited), and admits none
+        until :meth:`resume`. (:class:`mx_reference.refit.poller.EngineGate` does this.)"""
+        ...
+
+    def resume(self) -> None:
+        """Admit forwards again."""
+        ...
 
     @property
-    def paused(self) -> bool: ...
+    def paused(self) -> bool:
+        """True from the return of :meth:`pause` until :meth:`resume`."""
+        ...
 
     def capture_graph(
         self,
@@ -141,11 +153,20 @@ class EngineAdapter(Protocol):
     def make_channel(self, kind: str, **options: Any) -> tuple[TensorSink, TensorSource]:
         """``(sink, source)`` ends of an IPC buffer channel, ``kind`` ``inline`` or ``shared``.
 
-        ``shared`` takes :class:`mx_reference.ipc.SharedChannelConfig` fields as ``options``;
-        its sink counts ``sent`` tensors and ``fallbacks`` by reason and works with
+        ``shared`` takes :class:`mx_reference.ipc.SharedChannelConfig` fields as ``options``,
+        and ``producers`` (default 1): how many producer slots the consumer end serves (see
+        :meth:`attach_producer`; the returned sink is slot 0). Its sink counts ``sent``
+        tensors and ``fallbacks`` by reason and works with
         :func:`mx_reference.ipc.request_scope`; its source checks dtype and shape on arrival
         (:class:`~mx_reference.ipc.DecodeError`) and has ``poll()`` and ``abort(request_ids)``.
         """
+        ...
+
+    def attach_producer(self, channel: tuple[TensorSink, TensorSource], slot: int) -> TensorSink:
+        """A new producer on the consumer end of a ``shared`` channel, at producer ``slot``:
+        another API server, or, at a slot already used, a restarted incarnation of that
+        producer. Its tensors reach the same source, and its messages decode however far
+        the previous incarnation's message ids had gone."""
         ...
 
     def make_request_tracker(self, ttl_s: float = 60.0) -> Any:

@@ -1,7 +1,7 @@
 """A worked example: an engine adapter written against the protocol, not the reference class.
 
-"ToyEngine" stands for your engine worker. It keeps its own weight loader, its own paused flag
-and its own graph runner; it has no MoE kernels and no FP8 path, so it does not declare those
+"ToyEngine" stands for your engine worker. It keeps its own weight loader, its own scheduler
+gate (the reference ``EngineGate``) and its own graph runner; it has no MoE kernels and no FP8 path, so it does not declare those
 capabilities and the suite skips their checks. Walk-through: ``docs/conformance.md``.
 
     mx-sim conformance --adapter toy_engine_adapter:factory     # with docs/examples on PYTHONPATH
@@ -28,6 +28,7 @@ from mx_reference.ipc import (
     TensorQueues,
 )
 from mx_reference.refit.planner import TargetLayout
+from mx_reference.refit.poller import EngineGate
 from mx_reference.refit.receiver import RefitReceiver
 from mx_sim.cpu_mock import CpuMockBackend
 from mx_sim.fixtures import TinyModelSpec, build_tiny_model
@@ -63,7 +64,7 @@ class ToyEngineAdapter:
         self.backend = CpuMockBackend()
         self.capabilities = caps.CAPABILITIES - {caps.MOE, caps.FP8, caps.SHARDED}
         self.families = ("llama", "qwen2", "qwen3")  # the model families this engine serves
-        self.paused = False
+        self.gate = EngineGate()  # its scheduler: forwards run inside gate.inference()
         self.graphs = GraphRunner(backend=self.backend)
 
     def build_model(self, kind: str, *, seed: int = 0, **config: Any) -> torch.nn.Module:
@@ -79,11 +80,18 @@ class ToyEngineAdapter:
     def load_weights(self, model, named_tensors) -> None:
         load_in_place(model, named_tensors)
 
+    def inference(self):
+        return self.gate.inference()
+
     def pause(self) -> None:
-        self.paused = True
+        self.gate.pause()
 
     def resume(self) -> None:
-        self.paused = False
+        self.gate.resume()
+
+    @property
+    def paused(self) -> bool:
+        return self.gate.paused
 
     def capture_graph(self, key, forward_fn, inputs, postprocess_fn=None):
         return self.graphs.capture(key, forward_fn, inputs, postprocess_fn)
@@ -91,14 +99,18 @@ class ToyEngineAdapter:
     def replay_graph(self, key, inputs):
         return self.graphs.replay(key, inputs)
 
-    def make_channel(self, kind: str, **options: Any):
+    def make_channel(self, kind: str, producers: int = 1, **options: Any):
         if kind == "inline":
             channel = InlineChannel()
             return channel, channel
         if kind != "shared":
             raise ValueError(f"make_channel: unknown kind {kind!r}")
-        queues, config = TensorQueues.local(1, 1), SharedChannelConfig(**options)
+        queues, config = TensorQueues.local(producers, 1), SharedChannelConfig(**options)
         return SharedTensorSender(queues, 0, config), SharedTensorReceiver(queues, 0, config)
+
+    def attach_producer(self, channel, slot: int):
+        sink, _ = channel
+        return SharedTensorSender(sink.queues, slot, sink.config)
 
     def make_codec(self, channel=None):
         sink, source = channel or self.make_channel("inline")

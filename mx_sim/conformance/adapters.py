@@ -10,6 +10,7 @@ factories ``--mx-adapter`` accepts.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -28,6 +29,7 @@ from mx_reference.ipc.shared import (
 )
 from mx_reference.refit.apply import apply_in_place, model_parameters
 from mx_reference.refit.planner import TargetLayout
+from mx_reference.refit.poller import EngineGate
 from mx_reference.refit.receiver import RefitReceiver
 from mx_sim.cpu_mock import CpuMockBackend
 from mx_sim.fixtures import MODEL_BUILDERS, TinyModelSpec, build_tiny_model
@@ -40,11 +42,13 @@ class ReferenceAdapter:
     ``load_weights`` is an all-or-nothing in-place copy.
     """
 
-    receiver_class: type[RefitReceiver] = RefitReceiver  # conformance mutants swap in a subclass
+    # conformance mutants swap in subclasses
+    receiver_class: type[RefitReceiver] = RefitReceiver
+    sender_class: type[SharedTensorSender] = SharedTensorSender
 
     def __init__(self, backend: AcceleratorBackend):
         self._backend = backend
-        self._paused = False
+        self.gate = EngineGate()
         self.graphs = GraphRunner(RunnerConfig(), backend=backend)
 
     @property
@@ -88,15 +92,18 @@ class ReferenceAdapter:
 
     # -- engine control --------------------------------------------------------------------
 
+    def inference(self) -> AbstractContextManager[None]:
+        return self.gate.inference()
+
     def pause(self) -> None:
-        self._paused = True
+        self.gate.pause()
 
     def resume(self) -> None:
-        self._paused = False
+        self.gate.resume()
 
     @property
     def paused(self) -> bool:
-        return self._paused
+        return self.gate.paused
 
     # -- graphs ----------------------------------------------------------------------------
 
@@ -121,18 +128,30 @@ class ReferenceAdapter:
         sink, source = self.make_channel("inline") if channel is None else channel
         return Encoder(sink), Decoder(source=source)
 
-    def make_channel(self, kind: str, **options: Any) -> tuple[TensorSink, TensorSource]:
+    def make_channel(
+        self, kind: str, producers: int = 1, **options: Any
+    ) -> tuple[TensorSink, TensorSource]:
         """``inline``: one :class:`InlineChannel` as both ends. ``shared``: a
-        :class:`SharedTensorSender` and :class:`SharedTensorReceiver` over in-process queues
-        (``options`` go to :class:`SharedChannelConfig`)."""
+        :class:`SharedTensorSender` (slot 0 of ``producers``) and a
+        :class:`SharedTensorReceiver` over in-process queues (``options`` go to
+        :class:`SharedChannelConfig`)."""
         if kind == "inline":
             channel = InlineChannel()
             return channel, channel
         if kind == "shared":
-            queues = TensorQueues.local(num_producers=1, num_consumers=1)
+            queues = TensorQueues.local(num_producers=producers, num_consumers=1)
             config = SharedChannelConfig(**options)
-            return SharedTensorSender(queues, 0, config), SharedTensorReceiver(queues, 0, config)
+            return self.sender_class(queues, 0, config), SharedTensorReceiver(queues, 0, config)
         raise ValueError(f"make_channel: unknown kind {kind!r}; expected 'inline' or 'shared'")
+
+    def attach_producer(
+        self, channel: tuple[TensorSink, TensorSource], slot: int
+    ) -> SharedTensorSender:
+        """A new sender on the queues of ``channel``'s sink, at ``slot``: a new incarnation
+        (its own producer id) even at a slot already used."""
+        sink, _ = channel
+        assert isinstance(sink, SharedTensorSender), "attach_producer: not a shared channel"
+        return self.sender_class(sink.queues, slot, sink.config)
 
     def make_request_tracker(self, ttl_s: float = 60.0) -> TensorBuffer:
         """A :class:`TensorBuffer`: tensors buffered per request, freed by ``abort``."""

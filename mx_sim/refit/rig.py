@@ -84,13 +84,31 @@ class RefitRig:
         self._post_load = post_load
         self._agents: list[Transport] = []
         self._receivers: list[Any] = []
-        self.trainers = []
+        self.trainers = self._start_trainers()
+
+    def _start_trainers(self) -> list[TrainerRank]:
+        trainers = []
+        fault = self.config.fault
         for rank in range(self.spec.num_trainers):
-            plan = cfg.fault.transport_plan(rank) if cfg.fault is not None else None
-            agent = make_transport(cfg.transport, _name("trainer"), faults=plan)
+            plan = fault.transport_plan(rank) if fault is not None else None
+            agent = make_transport(self.config.transport, _name("trainer"), faults=plan)
             info = self.spec.rank_info(rank)
             source = HfSplitShards(self.weights, info)
-            self.trainers.append(TrainerRank(info, self.registry, agent, source))
+            trainers.append(TrainerRank(info, self.registry, agent, source))
+        return trainers
+
+    def restart_trainers(self, trainer_tp: int, trainer_pp: int = 1, trainer_ep: int = 1) -> None:
+        """The trainer job restarts at another layout (a resharded checkpoint): its ranks retire
+        every version and go; new ranks publish on the same registry from the next version."""
+        for version in self.registry.discover(MODEL_ID):
+            for trainer in self.trainers:
+                trainer.retire(version)
+        for trainer in self.trainers:
+            trainer.close()
+        self.spec = TopologySpec(
+            trainer_tp=trainer_tp, trainer_pp=trainer_pp, trainer_ep=trainer_ep
+        )
+        self.trainers = self._start_trainers()
 
     @property
     def publishers(self) -> list:

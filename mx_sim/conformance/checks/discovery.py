@@ -9,6 +9,7 @@ nothing the backend rejects.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable
 from typing import Any
@@ -111,6 +112,80 @@ def backend_predicate(adapter) -> None:
         published = adapter.discover_tensors(_synthetic("cpu"))
         if published:
             raise AssertionError(f"the {own.name} backend published {len(published)} CPU tensors")
+
+
+@dataclasses.dataclass
+class _KvCacheSpec:
+    cache: torch.Tensor
+
+
+class _SlotCache:
+    __slots__ = ("cache",)
+
+    def __init__(self, cache: torch.Tensor) -> None:
+        self.cache = cache
+
+
+_CONTAINERS: dict[str, Callable[[torch.Tensor], Any]] = {
+    "list": lambda t: [t],  # vLLM attention layers keep kv_cache in a list
+    "tuple": lambda t: (None, t),
+    "dict": lambda t: {"kv": t},
+    "dataclass": _KvCacheSpec,
+    "slots": _SlotCache,
+    "nested": lambda t: {"caches": [(_KvCacheSpec(t),)]},
+}
+
+
+@check("discovery.hidden_containers")
+def hidden_containers(adapter) -> None:
+    """A tensor hidden in each container discovery walks (list, tuple, dict, dataclass,
+    ``__slots__``, nested) on an attention module is published."""
+    for kind, wrap in _CONTAINERS.items():
+        model = adapter.build_model("llama")
+        attn = model.model.layers[0].self_attn
+        attn.kv_cache = wrap(torch.full((3, 5), 7.0, device=adapter.backend.torch_device()))
+        _expect_exact_cover(adapter, model, f"llama with a tensor hidden in a {kind}")
+
+
+@check("discovery.offset_views")
+def offset_views(adapter) -> None:
+    """Contiguous views at an offset inside a published tensor (a registered buffer and a
+    hidden attribute) are aliases of it, not entries of their own: every byte exactly once."""
+    model = adapter.build_model("llama")
+    proj = model.model.layers[0].self_attn.q_proj
+    proj.register_buffer("head_1", proj.weight.detach()[16:32], persistent=False)  # rows 16..31
+    proj.rows_tail = proj.weight.detach()[-8:]  # hidden: the last 8 rows
+    _expect_exact_cover(adapter, model, "llama with offset views of q_proj.weight")
+
+
+def _state(model: nn.Module) -> list[tuple[str, tuple[int, ...], int]]:
+    """What discovery may not change: every registered tensor's name, shape and address."""
+    named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers()]
+    return [(name, tuple(t.shape), t.data_ptr()) for name, t in named]
+
+
+@check("discovery.foreign_backend_side_effects")
+def foreign_backend_side_effects(adapter) -> None:
+    """Discovery under a backend that accepts none of the model's tensors (CUDA, for a model
+    elsewhere; a CPU mock, for a CUDA model) publishes nothing and changes nothing: no
+    adopted buffers, no moved tensors."""
+    own_device = adapter.backend.torch_device()
+    foreign = CpuMockBackend() if own_device.type == "cuda" else CudaBackend()
+    model = _synthetic(own_device)
+    before = _state(model)
+    published = adapter.discover_tensors(model, foreign)
+    if published:
+        raise AssertionError(
+            f"the {foreign.name} backend published {len(published)} tensors it rejects: "
+            f"{[p.name for p in published][:4]}"
+        )
+    after = _state(model)
+    if after != before:
+        added = sorted({n for n, *_ in after} - {n for n, *_ in before})
+        raise AssertionError(
+            f"discovery under the {foreign.name} backend changed the model "
+            f"({len(after) - len(before)} registered tensors more: {added[:4]})"
+        )
 
 
 def _digest(adapter, build: Callable[[], nn.Module]) -> str:

@@ -9,6 +9,8 @@ free exactly the requests it names.
 
 from __future__ import annotations
 
+import gc
+import weakref
 from typing import Any
 
 import msgspec
@@ -183,6 +185,33 @@ def shared_round_trip(adapter) -> None:
         raise AssertionError("the received tensor is a copy: a write to the sent one is not seen")
 
 
+@check("ipc.several_producers", requires=(caps.SHARED_IPC,))
+def several_producers(adapter) -> None:
+    """Two producers on one consumer, their messages decoded in another order than sent, then
+    a restarted incarnation of the first: every message decodes bit-exact, and the
+    restarted producer's first message is not taken for a stale one."""
+    channel = adapter.make_channel("shared", producers=2, get_timeout_s=0.5)
+    _, source = channel
+    producers = {"a": channel[0], "b": adapter.attach_producer(channel, 1)}
+    sent = []
+    for i, who in enumerate("aabab"):  # a: messages 0, 1, 2; b: messages 0, 1
+        encoder, _ = adapter.make_codec((producers[who], source))
+        message = {"from": who, "t": _random(torch.float32, (256,), i)}
+        sent.append((message, encoder.encode(message)))
+    producers["a"] = adapter.attach_producer(channel, 0)  # a restarts: its ids start again
+    encoder, decoder = adapter.make_codec((producers["a"], source))
+    restarted = {"from": "a restarted", "t": _random(torch.float32, (256,), 9)}
+    sent.append((restarted, encoder.encode(restarted)))
+    for index in (2, 4, 0, 1, 3, 5):
+        message, frames = sent[index]
+        try:
+            error = _diff(message, decoder.decode(frames), f"message {index} of {message['from']}")
+        except Exception as exc:
+            error = f"message {index} of {message['from']}: {type(exc).__name__}: {exc}"
+        if error:
+            raise AssertionError(f"two producers and a restarted one: {error}")
+
+
 def _retag(frames: list, field: int, value: Any) -> list:
     """``frames`` of a one-tensor message with payload field ``field`` (0 dtype, 1 shape) set."""
     code, payload = msgspec.msgpack.decode(frames[0], ext_hook=lambda c, d: (c, bytes(d)))
@@ -225,6 +254,30 @@ def abort_request_ids(adapter) -> None:
     _expect_frees(tracker, {"req-2", "unknown"}, 1, 3)
     _expect_frees(tracker, "-", 1, 2)
     _expect_frees(tracker, iter(["1", "req-3"]), 2, 0)
+
+
+@check("ipc.abort_releases_storage")
+def abort_releases_storage(adapter) -> None:
+    """abort() releases the aborted tensors' memory at once (their last reference is gone,
+    judged by weak references), not at the TTL, and keeps the other requests' tensors."""
+    tracker = adapter.make_request_tracker(ttl_s=3600.0)
+    refs = {}
+    for index, request_id in enumerate(["req-1", "req-1", "req-2"]):
+        t = torch.full((1024,), float(index))
+        refs[index] = (request_id, weakref.ref(t))
+        tracker.add(("p0", 0, index), t, request_id)
+        del t
+    freed = tracker.abort("req-1")
+    gc.collect()
+    alive = [i for i, (_, ref) in refs.items() if ref() is not None]
+    if alive != [2]:
+        held = [i for i in alive if refs[i][0] == "req-1"]
+        raise AssertionError(
+            f"abort('req-1') returned {freed}, yet tensors {held} of req-1 are still alive "
+            f"(memory held until the TTL)"
+            if held
+            else f"abort('req-1') also released tensors of req-2: alive {alive}"
+        )
 
 
 @check("ipc.shared_abort", requires=(caps.SHARED_IPC,))

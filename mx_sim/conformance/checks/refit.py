@@ -11,6 +11,8 @@ the receiver applied with the trainer's model at that version
 
 from __future__ import annotations
 
+import threading
+import time
 from dataclasses import asdict
 from typing import Any
 
@@ -83,6 +85,19 @@ def families(adapter) -> None:
                 _cycles(rig, _rank(rig, adapter, build(adapter, kind, LLAMA)), range(1, 3))
             except AssertionError as exc:
                 raise AssertionError(f"{kind}: {exc}") from exc
+
+
+@check("refit.bf16_padded_vocab", requires=(caps.MIXED_TP,))
+def bf16_padded_vocab(adapter) -> None:
+    """A bf16 model whose vocab (300) is no multiple of Megatron's padding: trainer TP2 pads
+    it to 512 rows (256 a rank), and the receiver keeps exactly the 300 real rows, bit-exact
+    over two cycles."""
+    spec = TinyModelSpec(vocab_size=300, dtype="bfloat16")
+    with _rig("llama", spec, trainer_tp=2) as rig:
+        try:
+            _cycles(rig, _rank(rig, adapter, build(adapter, "llama", spec)), range(1, 3))
+        except Exception as exc:
+            raise AssertionError(f"bf16, vocab 300 from trainer TP 2: {exc}") from exc
 
 
 @check("refit.warm_cycle_scratch", requires=(caps.MIXED_TP,))
@@ -233,11 +248,9 @@ def in_place_storage(adapter) -> None:
         _check_ledger(adapter, model, ledger, "refit")
 
 
-@check("refit.mid_transfer_failure")
-def mid_transfer_failure(adapter) -> None:
-    """One of two trainer ranks fails its read mid-pull: a clear error, the model digest
-    unchanged, and the next version still applies."""
-    fault = Fault("read_failed", cycle=2, rank=1)
+def _refused_then_recovered(adapter, fault: Fault, what: str) -> None:
+    """Cycle 2 meets ``fault`` on trainer rank 1 of 2: the refit raises a message, the model
+    digest is unchanged, and version 3 still applies bit-exactly."""
     with _rig("llama", LLAMA, trainer_pp=2, fault=fault) as rig:
         model = build(adapter, "llama", LLAMA)
         rank = _rank(rig, adapter, model)
@@ -252,19 +265,167 @@ def mid_transfer_failure(adapter) -> None:
                     f"failed cycle raised {type(exc).__name__} with no message"
                 ) from exc
         else:
-            raise AssertionError("v2: a source's read failed mid-pull but refit raised nothing")
+            raise AssertionError(f"v2: {what} but refit raised nothing")
         if model_digest(model) != digest:
-            raise AssertionError("v2 failed mid-pull yet the model changed: a partial apply")
+            raise AssertionError(f"v2 failed ({what}) yet the model changed: a partial apply")
         rig.publish(3)
         before = snapshot(model)
         rank.receiver.refit(3)
         _raise(check_cycle(3, before, before, snapshot(model), rig.weights.params(3)))
 
 
+def _replica_cycle(
+    rig: RefitRig, replica: Replica, ranks: list[ReceiverRank], version: int, after: str = ""
+) -> None:
+    """Publish ``version`` and refit it on every rank; any failure is an AssertionError."""
+    rig.publish(version)
+    try:
+        results = replica.map(lambda r: ranks[r].cycle(version, logits=False))
+    except Exception as exc:
+        raise AssertionError(f"v{version} {after}: {type(exc).__name__}: {exc}") from exc
+    for r, (_, problems) in enumerate(results):
+        _raise(problems, f"v{version} {after}, TP rank {r}: ")
+
+
+@check("refit.replica_fault", requires=(caps.MIXED_TP,))
+def replica_fault(adapter) -> None:
+    """A TP2 replica (its ranks given one group) meets a failed read on one trainer rank in
+    cycle 2: every rank raises, within the timeout, and no rank's model changes; cycle 3
+    applies on both."""
+    fault = Fault("read_failed", cycle=3, rank=1)  # its third served read: cycle 2's first
+    size = 2
+    with (
+        _rig("llama", LLAMA, trainer_pp=2, fault=fault) as rig,
+        Replica(size, TIMEOUT_S) as replica,
+    ):
+        models = [build(adapter, "llama", LLAMA) for _ in range(size)]
+        ranks = [
+            _rank(
+                rig,
+                adapter,
+                models[r],
+                target=adapter.target_layout(
+                    tp_size=size, tp_rank=r, pp_size=1, pp_rank=0, global_rank=r
+                ),
+                group=replica.groups[r],
+            )
+            for r in range(size)
+        ]
+        _replica_cycle(rig, replica, ranks, 1)
+        rig.publish(2)
+        digests = [model_digest(m) for m in models]
+
+        def failing_cycle(r: int) -> str:
+            start = time.monotonic()
+            try:
+                ranks[r].receiver.refit(2)
+            except Exception as exc:
+                elapsed = time.monotonic() - start
+                if elapsed > 2 * TIMEOUT_S:
+                    return f"raised only after {elapsed:.1f} s"
+                return "" if str(exc).strip() else f"raised {type(exc).__name__} with no message"
+            return "applied v2 while a rank of its replica failed"
+
+        outcomes = replica.map(failing_cycle)
+        problems = [f"TP rank {r}: {o}" for r, o in enumerate(outcomes) if o]
+        problems += [
+            f"TP rank {r}: v2 failed on the replica yet this rank's model changed"
+            for r, m in enumerate(models)
+            if model_digest(m) != digests[r]
+        ]
+        _raise(problems, "v2 (a trainer read failed): ")
+        _replica_cycle(rig, replica, ranks, 3, after="after v2 failed on the replica")
+
+
+@check("refit.mid_transfer_failure")
+def mid_transfer_failure(adapter) -> None:
+    """One of two trainer ranks fails its read mid-pull: a clear error, the model digest
+    unchanged, and the next version still applies."""
+    _refused_then_recovered(
+        adapter, Fault("read_failed", cycle=2, rank=1), "a source's read failed mid-pull"
+    )
+
+
+@check("refit.corruption_in_flight")
+def corruption_in_flight(adapter) -> None:
+    """A byte of one trainer rank's shard is flipped in flight (silently, as a bad link
+    would): the version is refused, the model digest unchanged, the next version applies."""
+    _refused_then_recovered(
+        adapter, Fault("corrupt_shard", cycle=2, rank=1), "a pulled byte was corrupted"
+    )
+
+
+@check("refit.trainer_layout_change", requires=(caps.MIXED_TP,))
+def trainer_layout_change(adapter) -> None:
+    """The trainer restarts at another TP (and back) between versions: each later version
+    still applies bit-exactly, so no plan cached for the old sources' layout is reused."""
+    with _rig("llama", LLAMA, trainer_tp=2) as rig:
+        model = build(adapter, "llama", LLAMA)
+        rank = _rank(rig, adapter, model)
+        for versions, trainer_tp in ((range(1, 3), 1), (range(3, 5), 2), (range(5, 6), None)):
+            try:
+                _cycles(rig, rank, versions)
+            except Exception as exc:
+                raise AssertionError(
+                    f"v{versions[0]} from trainer TP {rig.spec.trainer_tp} after a layout "
+                    f"change: {type(exc).__name__}: {exc}"
+                ) from exc
+            if trainer_tp is not None:
+                rig.restart_trainers(trainer_tp)
+
+
+def _forward_in_thread(adapter: Any, model: torch.nn.Module, hold_s: float) -> tuple:
+    """A forward admitted by the adapter's scheduler that reads the weights at its start and,
+    ``hold_s`` later, at its end; returns (thread, entered event, [(start, end) digests])."""
+    entered, reads = threading.Event(), []
+
+    def forward() -> None:
+        with adapter.inference():
+            entered.set()
+            first = model_digest(model)
+            time.sleep(hold_s)
+            reads.append((first, model_digest(model)))
+
+    thread = threading.Thread(target=forward, daemon=True)
+    thread.start()
+    return thread, entered, reads
+
+
+@check("refit.pause_gating")
+def pause_gating(adapter) -> None:
+    """pause() returns only once running forwards finished and admits none until resume(),
+    and ``paused`` says so: a refit between pause() and resume() never lands inside a
+    forward, which reads one version from start to end."""
+    with _rig("llama", LLAMA) as rig:
+        model = build(adapter, "llama", LLAMA)
+        rank = _rank(rig, adapter, model)
+        rig.publish(1)
+        running, entered, reads = _forward_in_thread(adapter, model, hold_s=0.3)
+        if not entered.wait(TIMEOUT_S):
+            raise AssertionError("a forward was not admitted by inference() while not paused")
+        adapter.pause()
+        if not adapter.paused:
+            raise AssertionError("paused is False after pause() returned")
+        rank.receiver.refit(1)
+        waiting, admitted, _ = _forward_in_thread(adapter, model, hold_s=0.0)
+        if admitted.wait(0.2):
+            raise AssertionError("inference() admitted a forward while paused")
+        adapter.resume()
+        for thread in (running, waiting):
+            thread.join(TIMEOUT_S)
+        if adapter.paused or not admitted.is_set():
+            raise AssertionError("after resume(): paused still True or no forward admitted")
+        if reads[0][0] != reads[0][1]:
+            raise AssertionError(
+                "a refit landed inside a running forward: pause() returned before the forward "
+                "that had entered inference() finished"
+            )
+
+
 @check("refit.load_weights_atomic")
 def load_weights_atomic(adapter) -> None:
-    """load_weights copies in place; a wrong shape or unknown name raises ValueError naming
-    the tensor, with the model untouched."""
+    """load_weights copies in place; a wrong shape or dtype (bf16 into fp32: no silent cast)
+    or an unknown name raises ValueError naming the tensor, with the model untouched."""
     weights = VersionWeights("llama", LLAMA)
     model = build(adapter, "llama", LLAMA)
     ledger = module_address_ledger(model, backend=adapter.backend)
@@ -279,6 +440,7 @@ def load_weights_atomic(adapter) -> None:
     unknown = "model.layers.7.mlp.up_proj.weight"
     bad = {
         "shape": [*v2[:-1], (name, last[..., :-1])],
+        "dtype": [*v2[:-1], (name, last.to(torch.bfloat16))],
         "unknown name": [*v2, (unknown, v2[0][1])],
     }
     for what, items in bad.items():

@@ -9,7 +9,10 @@ state dict is cut). Needs nothing from Megatron itself: the mapping is names and
 * **Names.** Both fused-norm schemes are accepted: the local layer spec's
   ``input_layernorm`` / ``pre_mlp_layernorm`` and Transformer Engine's
   ``linear_qkv.layer_norm_weight`` / ``linear_fc1.layer_norm_weight`` (the canonical names of
-  :mod:`~mx_reference.refit.name_maps`; a MoE layer's ``pre_mlp_layernorm`` keeps its name).
+  :mod:`~mx_reference.refit.name_maps`; a MoE layer's ``pre_mlp_layernorm`` and MLA's
+  ``input_layernorm`` keep their names). MLA's latent norms are the local spec's
+  ``self_attention.q_layernorm`` / ``kv_layernorm`` or Transformer Engine's
+  ``linear_q_up_proj.layer_norm_weight`` / ``linear_kv_up_proj.layer_norm_weight``.
   Layer numbers are local to a pipeline stage; ``layer_offset`` makes them global.
 * **Vocab.** Megatron's embedding and output layer hold padded vocab rows (rank r of T holds
   rows ``[r, r + 1) * padded / T``, padding included); only the real rows are published.
@@ -39,6 +42,11 @@ LOCAL_SPEC_NORMS = {
     "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight",
     "pre_mlp_layernorm.bias": "mlp.linear_fc1.layer_norm_bias",
 }
+# the local spec's separate MLA latent norms -> their Transformer Engine (canonical) names
+LOCAL_SPEC_MLA_NORMS = {
+    "self_attention.q_layernorm.weight": "self_attention.linear_q_up_proj.layer_norm_weight",
+    "self_attention.kv_layernorm.weight": "self_attention.linear_kv_up_proj.layer_norm_weight",
+}
 _LAYER = re.compile(r"decoder\.layers\.(\d+)\.(.+)")
 _LOCAL_EXPERT = re.compile(r"mlp\.experts\.local_experts\.(\d+)\.(.+)")
 
@@ -52,12 +60,22 @@ def canonical_name(
     if m is None:
         return name
     layer, rest = int(m[1]) + layer_offset, m[2]
-    if rest in LOCAL_SPEC_NORMS and not (cfg.moe_layer(layer) and rest.startswith("pre_mlp")):
+    if cfg.mla and rest in LOCAL_SPEC_MLA_NORMS:
+        rest = LOCAL_SPEC_MLA_NORMS[rest]
+    elif rest in LOCAL_SPEC_NORMS and not _unfused_norm(rest, layer, cfg):
         rest = LOCAL_SPEC_NORMS[rest]
     expert = _LOCAL_EXPERT.fullmatch(rest)
     if expert is not None:  # Megatron numbers an EP rank's experts from 0
         rest = f"mlp.experts.local_experts.{int(expert[1]) + expert_offset}.{expert[2]}"
     return f"decoder.layers.{layer}.{rest}"
+
+
+def _unfused_norm(rest: str, layer: int, cfg: RefitModelConfig) -> bool:
+    """A norm Transformer Engine's spec keeps as its own module too: an MoE layer's
+    ``pre_mlp_layernorm``, MLA's ``input_layernorm`` (no ``linear_qkv`` to fuse it into)."""
+    if rest.startswith("pre_mlp"):
+        return cfg.moe_layer(layer)
+    return cfg.mla
 
 
 def shards_from_megatron(

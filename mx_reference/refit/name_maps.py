@@ -233,13 +233,15 @@ _LLAMA_LAYER = (
     _E("self_attention.linear_qkv.bias", "qkv_column", tuple(f"{p}.bias" for p in _QKV), when="qkv_bias"),
     _E("self_attention.q_layernorm.weight", "replicated", ("self_attn.q_norm.weight",), when="qk_norm"),
     _E("self_attention.k_layernorm.weight", "replicated", ("self_attn.k_norm.weight",), when="qk_norm"),
-    # MLA (DeepSeek): low-rank q and kv projections, their norms fused into the up-projections
+    # MLA (DeepSeek): low-rank q and kv projections, their norms fused into the up-projections;
+    # the down-projections are column-parallel (the local spec's ColumnParallelLinear, its
+    # output all-gathered), kv's rows [kv_lora_rank latent; qk_rope_head_dim rope] cut as one
     _E("input_layernorm.weight", "replicated", ("input_layernorm.weight",), when="mla"),
-    _E("self_attention.linear_q_down_proj.weight", "replicated", ("self_attn.q_a_proj.weight",), when="mla_q_lora"),
+    _E("self_attention.linear_q_down_proj.weight", "column", ("self_attn.q_a_proj.weight",), when="mla_q_lora"),
     _E("self_attention.linear_q_up_proj.layer_norm_weight", "replicated", ("self_attn.q_a_layernorm.weight",), when="mla_q_lora"),
     _E("self_attention.linear_q_up_proj.weight", "column", ("self_attn.q_b_proj.weight",), when="mla_q_lora"),
     _E("self_attention.linear_q_proj.weight", "column", ("self_attn.q_proj.weight",), when="mla_q"),
-    _E("self_attention.linear_kv_down_proj.weight", "replicated", ("self_attn.kv_a_proj_with_mqa.weight",), when="mla"),
+    _E("self_attention.linear_kv_down_proj.weight", "column", ("self_attn.kv_a_proj_with_mqa.weight",), when="mla"),
     _E("self_attention.linear_kv_up_proj.layer_norm_weight", "replicated", ("self_attn.kv_a_layernorm.weight",), when="mla"),
     _E("self_attention.linear_kv_up_proj.weight", "column", ("self_attn.kv_b_proj.weight",), when="mla"),
     _E("self_attention.linear_proj.weight", "row", ("self_attn.o_proj.weight",), axis=1),

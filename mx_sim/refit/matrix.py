@@ -52,8 +52,8 @@ MATRIX: dict[str, MatrixRow] = {
     # must be summed over TP (Megatron's finalize_model_grads), or the ranks' copies drift
     "refit Qwen3 q/k-norm TP2->TP2": MatrixRow(TopologySpec(trainer_tp=2, inference_tp=2), "qwen3"),
     "refit fan-out 1->1->2": MatrixRow(TopologySpec(replicas=3), fanout=True),
-    # one row per further family (Megatron-Core trains Phi-3 and the MoE families here; the
-    # others use the HF-split trainer: docs/simulator.md lists the blockers)
+    # one row per further family (Megatron-Core trains Phi-3, DeepSeek-V3 and the MoE families
+    # here; the others use the HF-split trainer: docs/simulator.md lists the blockers)
     "refit Phi-3 fused TP2->TP2": MatrixRow(TopologySpec(trainer_tp=2, inference_tp=2), "phi3"),
     "refit OLMo2 post-norms TP4->TP2": MatrixRow(
         TopologySpec(trainer_tp=4, inference_tp=2), "olmo2", TinyModelSpec(num_kv_heads=4)

@@ -22,9 +22,11 @@ What running on CPU takes (``shared/reference/engines.md`` has the measurements)
 Families: ``llama`` (RMSNorm, SwiGLU, RoPE, GQA; tied or not), ``qwen2`` (q/k/v biases),
 ``qwen3`` (q/k RMSNorm per head), ``phi3`` (Llama's blocks; HF fuses q|k|v and gate|up,
 which only the receivers' name map sees), ``gpt2`` (LayerNorm, tanh-GELU, learned positions,
-biases, tied) and the MoE families ``mixtral``, ``qwen2_moe`` (a gated shared expert) and
-``qwen3_moe`` (a dense first layer), at TP, EP and PP; docs/simulator.md lists why the other
-families are not run through Megatron here.
+biases, tied), the MoE families ``mixtral``, ``qwen2_moe`` (a gated shared expert) and
+``qwen3_moe`` (a dense first layer), and ``deepseek_v3`` (``MLATransformerConfig``: MLA with
+plain RoPE, a sigmoid router with group-limited top k and scaled weights, a shared expert, a
+dense first layer), at TP, EP and PP; docs/simulator.md lists why the other families are not
+run through Megatron here.
 """
 
 from __future__ import annotations
@@ -45,7 +47,17 @@ from mx_reference.refit.name_maps import RefitModelConfig
 from mx_sim.cluster.topology import RankInfo
 from mx_sim.fixtures import TinyModelSpec, build_tiny_model, fixed_prompt
 
-FAMILIES = ("llama", "qwen2", "qwen3", "phi3", "gpt2", "mixtral", "qwen2_moe", "qwen3_moe")
+FAMILIES = (
+    "llama",
+    "qwen2",
+    "qwen3",
+    "phi3",
+    "gpt2",
+    "mixtral",
+    "qwen2_moe",
+    "qwen3_moe",
+    "deepseek_v3",
+)
 LEARNING_RATE = 0.05
 GPT2_POSITIONS = 64  # mx_sim.fixtures builds GPT-2 with n_positions=64
 
@@ -86,26 +98,52 @@ class MegatronModelSpec:
         return RefitModelConfig.from_hf(self.hf_config)
 
     def check(self, tp: int, pp: int, ep: int = 1) -> None:
-        """Refuse, before any rank starts, what Megatron-Core refuses: first its own config
-        validation (its message), then what it would only fail on while building the model
-        (query groups per TP rank, layers per stage)."""
+        """Refuse, before any rank starts, what Megatron-Core refuses: first a DeepSeek-V3
+        config it would compute otherwise than HF, then its own config validation (its
+        message), then what it would only fail on while building the model (query groups and
+        MLA's down-projection rows per TP rank, layers per stage)."""
         layout = f"TP{tp} x PP{pp}" + (f" x EP{ep}" if ep > 1 else "")
+        self._check_mla()
         try:
             self.transformer_config(tp, pp, ep)
         except ValueError as exc:
             raise ValueError(f"Megatron-Core refuses {layout}: {exc}") from None
 
-        s = self.spec
-        groups = s.num_heads if self.gpt2 else s.num_kv_heads
-        for what, value, by, mode in (
-            ("num_query_groups", groups, tp, "tensor_model_parallel_size"),
-            ("num_layers", s.num_layers, pp, "pipeline_model_parallel_size"),
-        ):
+        tp_size, pp_size = "tensor_model_parallel_size", "pipeline_model_parallel_size"
+        checks = [
+            ("num_query_groups", self.refit_config().num_kv_heads, tp, tp_size),
+            ("num_layers", self.spec.num_layers, pp, pp_size),
+        ]
+        if self.mla:  # the local spec's column-parallel down-projections
+            hf = self.hf_config
+            latent = hf.kv_lora_rank + hf.qk_rope_head_dim
+            checks.append(("kv_lora_rank + qk_rope_head_dim", latent, tp, tp_size))
+            if hf.q_lora_rank:
+                checks.append(("q_lora_rank", hf.q_lora_rank, tp, tp_size))
+        for what, value, by, mode in checks:
             if value % by:
                 raise ValueError(
                     f"Megatron-Core refuses {layout}: {what} ({value}) must be a "
                     f"multiple of {mode} ({by})"
                 )
+
+    def _check_mla(self) -> None:
+        """Refuse a DeepSeek-V3 config whose forward Megatron's MLA and router do not compute:
+        ``ValueError`` naming the HF config field."""
+        if not self.mla:
+            return
+        hf = self.hf_config
+        rope = (getattr(hf, "rope_parameters", None) or {}).get("rope_type", "default")
+        group_top = hf.num_experts_per_tok // hf.topk_group
+        for field, ok, why in (
+            ("rope_interleave", hf.rope_interleave, "Megatron's MLA pairs rope dims as HF's True"),
+            ("rope_parameters.rope_type", rope == "default", "plain RoPE only (no YaRN here)"),
+            ("norm_topk_prob", hf.norm_topk_prob, "Megatron renormalizes sigmoid top-k scores"),
+            ("num_experts_per_tok // topk_group", hf.n_group == 1 or group_top == 2,
+             "HF scores a group by its top 2 experts, Megatron by its top k / topk_group"),
+        ):  # fmt: skip
+            if not ok:
+                raise ValueError(f"deepseek_v3 {field}: not run through Megatron-Core ({why})")
 
     @property
     def rope_theta(self) -> float:
@@ -117,13 +155,37 @@ class MegatronModelSpec:
     def moe(self) -> bool:
         return bool(self.refit_config().num_experts)
 
+    @property
+    def mla(self) -> bool:
+        return self.refit_config().mla
+
+    def router_fields(self) -> dict:
+        """DeepSeek-V3's router: sigmoid scores, the top k picked on scores plus the
+        score-correction bias (Megatron's ``expert_bias``) within the best ``topk_group`` of
+        ``n_group`` groups, the picked scores renormalized and scaled by
+        ``routed_scaling_factor``. Megatron moves its expert bias only in its training loop's
+        ``finalize_model_grads``, which the hand-run step does not call: it stays 0, HF's init."""
+        hf = self.hf_config
+        fields = dict(
+            moe_router_score_function="sigmoid",
+            moe_router_enable_expert_bias=True,
+            moe_router_topk_scaling_factor=hf.routed_scaling_factor,
+        )
+        if hf.n_group > 1:
+            fields.update(moe_router_num_groups=hf.n_group, moe_router_group_topk=hf.topk_group)
+        return fields
+
     def moe_fields(self, tp: int, ep: int) -> dict:
         """TransformerConfig's MoE fields: HF's routing (softmax over the top k for Mixtral,
-        which renormalizes, or top k of the softmax for ``norm_topk_prob=False``), no auxiliary
-        loss, the local spec's one module per expert, HF's dense layers and shared expert."""
+        which renormalizes, or top k of the softmax for ``norm_topk_prob=False``; DeepSeek's
+        sigmoid router), no auxiliary loss, the local spec's one module per expert, HF's dense
+        layers and shared expert."""
         cfg, hf = self.refit_config(), self.hf_config
         if not cfg.num_experts:
             return {}
+        shared = getattr(hf, "shared_expert_intermediate_size", None)
+        if getattr(hf, "n_shared_experts", None):
+            shared = hf.moe_intermediate_size * hf.n_shared_experts
         return dict(
             num_moe_experts=cfg.num_experts,
             moe_router_topk=hf.num_experts_per_tok,
@@ -134,31 +196,50 @@ class MegatronModelSpec:
             moe_aux_loss_coeff=0.0,
             moe_grouped_gemm=False,
             moe_token_dispatcher_type="allgather",
-            moe_shared_expert_intermediate_size=getattr(
-                hf, "shared_expert_intermediate_size", None
-            ),
+            moe_shared_expert_intermediate_size=shared,
             moe_shared_expert_gate=cfg.shared_gate,
             expert_model_parallel_size=ep,
+            **(self.router_fields() if self.mla else {}),
+        )
+
+    def mla_fields(self) -> dict:
+        """``MLATransformerConfig``'s fields from HF's DeepSeek-V3 config: HF's
+        ``qk_nope_head_dim`` is Megatron's ``qk_head_dim``, ``qk_rope_head_dim`` its
+        ``qk_pos_emb_head_dim``; plain RoPE (Megatron's MLA default is YaRN), which Megatron's
+        MLA applies to de-interleaved pairs as HF does with ``rope_interleave``; the softmax
+        scale is then ``1 / sqrt(qk_nope_head_dim + qk_rope_head_dim)`` on both sides. The
+        latent norms are ``qk_layernorm``'s."""
+        hf = self.hf_config
+        if not self.mla:
+            return {}
+        return dict(
+            q_lora_rank=hf.q_lora_rank,
+            kv_lora_rank=hf.kv_lora_rank,
+            qk_head_dim=hf.qk_nope_head_dim,
+            qk_pos_emb_head_dim=hf.qk_rope_head_dim,
+            v_head_dim=hf.v_head_dim,
+            rope_type="rope",
+            rotary_base=self.rope_theta,
         )
 
     def transformer_config(self, tp: int, pp: int, ep: int = 1):
-        from megatron.core.transformer import TransformerConfig
+        from megatron.core.transformer import MLATransformerConfig, TransformerConfig
 
         s, gpt2, hf, cfg = self.spec, self.gpt2, self.hf_config, self.refit_config()
-        return TransformerConfig(
+        return (MLATransformerConfig if self.mla else TransformerConfig)(
             num_layers=s.num_layers,
             hidden_size=s.hidden_size,
             num_attention_heads=s.num_heads,
-            num_query_groups=s.num_heads if gpt2 else s.num_kv_heads,
+            num_query_groups=cfg.num_kv_heads,
             ffn_hidden_size=4 * s.hidden_size if gpt2 else hf.intermediate_size,
-            kv_channels=s.hidden_size // s.num_heads,
+            kv_channels=hf.v_head_dim if self.mla else s.hidden_size // s.num_heads,
             normalization="LayerNorm" if gpt2 else "RMSNorm",
             layernorm_epsilon=hf.layer_norm_epsilon if gpt2 else hf.rms_norm_eps,
             gated_linear_unit=not gpt2,
             activation_func=(lambda x: F.gelu(x, approximate="tanh")) if gpt2 else F.silu,
             add_bias_linear=gpt2,
             add_qkv_bias=cfg.qkv_bias,
-            qk_layernorm=cfg.qk_norm,
+            qk_layernorm=cfg.qk_norm or cfg.mla,
             tensor_model_parallel_size=tp,
             pipeline_model_parallel_size=pp,
             params_dtype=torch.float32,
@@ -173,6 +254,7 @@ class MegatronModelSpec:
             attention_dropout=0.0,
             hidden_dropout=0.0,
             **self.moe_fields(tp, ep),
+            **self.mla_fields(),
         )
 
     def layer_spec(self, config):
@@ -185,12 +267,34 @@ class MegatronModelSpec:
 
         normalization = "LayerNorm" if self.gpt2 else "RMSNorm"
         if self.moe:
-            return get_gpt_decoder_block_spec(
+            block = get_gpt_decoder_block_spec(
                 config, use_transformer_engine=False, normalization=normalization
             )
+            if self.mla:
+                for layer in block.layer_specs:
+                    attention = layer.submodules.self_attention.submodules
+                    attention.core_attention = _mla_local_attention()
+            return block
         return get_gpt_layer_local_spec(
             normalization=normalization, qk_layernorm=config.qk_layernorm
         )
+
+
+@functools.cache
+def _mla_local_attention() -> type:
+    """Megatron's local ``DotProductAttention`` as MLA's core attention. ``MLASelfAttention``
+    builds its core attention with ``k_channels`` and ``v_channels``, which only Transformer
+    Engine's attention takes (the local one raises ``TypeError: ... unexpected keyword argument
+    'k_channels'``); the local one needs neither: MLA also passes its softmax scale, and
+    ``kv_channels = v_head_dim`` gives the output width. Same computation, two arguments
+    dropped."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    class MLADotProductAttention(DotProductAttention):
+        def __init__(self, *args, k_channels=None, v_channels=None, **kwargs):
+            super().__init__(*args, **kwargs)
+
+    return MLADotProductAttention
 
 
 class MegatronTrainer:
@@ -211,11 +315,15 @@ class MegatronTrainer:
         torch.cuda.current_device = lambda: torch.device("cpu")  # this trainer process only
         from megatron.core import parallel_state, tensor_parallel
         from megatron.core.models.gpt import GPTModel
+        from megatron.core.transformer import multi_latent_attention
         from megatron.core.transformer.moe import moe_utils
 
         # Megatron-Core 0.16.1 leaves this name undefined without Transformer Engine, and the
         # router's gating reads it before anything else
         moe_utils.te_general_gemm = getattr(moe_utils, "te_general_gemm", None)
+        # ... and MLA's module believes Transformer Engine is installed (its extensions import
+        # without it, as mocks), then fails on ``isinstance(self.linear_proj, TELinear)``
+        multi_latent_attention.HAVE_TE = importlib.util.find_spec("transformer_engine") is not None
         tp, pp, ep = info.tp_size, info.pp_size, info.ep_size
         if not dist.is_initialized():
             dist.init_process_group(
@@ -320,29 +428,42 @@ class MegatronTrainer:
         """What Megatron's ``finalize_model_grads`` does for weights several ranks hold:
 
         * over TP, gradients are summed for the replicated weights that see only this rank's
-          heads (q/k layernorms), and averaged for the MoE router and shared-expert gate: every
-          TP rank computes them whole, but the expert backward sums in a rank's own order, so
-          they differ in the last bits (6e-11 measured at EP2 x TP2) and the copies would
-          drift;
+          heads (q/k layernorms), and averaged for the weights every TP rank computes whole
+          (the MoE router, the shared-expert gate, MLA's latent norms, which see the gathered
+          latent): the expert backward sums in a rank's own order, so they differ in the last
+          bits (6e-11 measured at EP2 x TP2) and the copies would drift;
         * over data parallelism (the EP ranks are data-parallel replicas of every weight but
-          their experts, which Megatron marks ``allreduce=False``), gradients are averaged.
+          their experts, which Megatron marks ``allreduce=False``), gradients are averaged; an
+          expert's gradient, already summed over the tokens of every EP rank, is divided by
+          the data-parallel size as Megatron's ``DistributedDataParallel`` does
+          (``expert_gradient_scaling_factor``).
 
         Skipped, the copies drift apart (receivers catch it: their digests disagree)."""
         from megatron.core import parallel_state
 
+        tp, ep = self.info.tp_size, self.info.ep_size
         tp_group = parallel_state.get_tensor_model_parallel_group()
         dp_group = parallel_state.get_data_parallel_group()
         for name, param in self.model.named_parameters():
             if param.grad is None:
                 continue
-            if self.info.tp_size > 1 and ("q_layernorm" in name or "k_layernorm" in name):
+            how = self._tp_reduction(name) if tp > 1 else None
+            if how in ("sum", "mean"):
                 dist.all_reduce(param.grad, group=tp_group)
-            if self.info.tp_size > 1 and ("mlp.router." in name or "gate_weight" in name):
-                dist.all_reduce(param.grad, group=tp_group)
-                param.grad /= self.info.tp_size
-            if self.info.ep_size > 1 and getattr(param, "allreduce", True):
-                dist.all_reduce(param.grad, group=dp_group)
-                param.grad /= self.info.ep_size
+            if how == "mean":
+                param.grad /= tp
+            if ep > 1:
+                if getattr(param, "allreduce", True):
+                    dist.all_reduce(param.grad, group=dp_group)
+                param.grad /= ep
+
+    def _tp_reduction(self, name: str) -> str | None:
+        """How parameter ``name``'s gradient is made whole over TP: ``"sum"``, ``"mean"`` or
+        None (a TP shard: nothing to reduce)."""
+        mla_norm = self.model_spec.mla and ("q_layernorm" in name or "kv_layernorm" in name)
+        if mla_norm or "mlp.router." in name or "gate_weight" in name:
+            return "mean"
+        return "sum" if "q_layernorm" in name or "k_layernorm" in name else None
 
     def advance_to(self, version: int) -> None:
         """Version v is Megatron's init after ``v - 1`` optimizer steps."""
@@ -447,6 +568,7 @@ def loaded_logits_and_grads(rank: int, kind: str, spec: TinyModelSpec, topology,
         [(n, p.grad) for n, p in trainer.model.named_parameters()],
         trainer.refit_config,
         tp=(trainer.info.tp_rank, trainer.info.tp_size),
+        ep=(trainer.info.ep_rank, trainer.info.ep_size),
         layer_offset=trainer.layer_offset,
     )
     return (None if logits is None else logits.numpy()), [(d, t.numpy()) for d, t in grads]

@@ -211,7 +211,7 @@ def test_cli_megatron_trainer_tp2_to_tp1_three_cycles(tmp_path):
          "num_attention_heads (4) must be a multiple of tensor_model_parallel_size (3)"),
         (["--trainer", "megatron", "--trainer-pp", "3"], "num_layers (2) must be a multiple of "
          "pipeline_model_parallel_size (3)"),
-        (["--trainer", "megatron", "--model", "deepseek_v3"], "model 'deepseek_v3' does not run "
+        (["--trainer", "megatron", "--model", "gemma"], "model 'gemma' does not run "
          "through Megatron-Core here"),
         (["--trainer", "megatron", "--model", "mixtral", "--trainer-ep", "3"],
          "num_experts=4 not divisible by ep_size=3"),

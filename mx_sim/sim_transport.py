@@ -479,8 +479,8 @@ def make_transport(
     """The one transport factory of the simulator: a ``sim`` agent (optionally with a
     ``FaultPlan`` and a stand-in device id) or a real ``nixl`` agent on CPU memory.
 
-    ``serves=False`` is a pull-only agent; for NIXL that drops the progress thread, which
-    would otherwise spin on a core the copies need (see ``NixlConfig``). NIXL agents here keep
+    ``serves=False`` is a pull-only agent; for NIXL that drops the progress poller a serving
+    agent needs (``NixlConfig.progress``: "none" rather than "poll"). NIXL agents here keep
     UCX on loopback (``UCX_NET_DEVICES=lo``: without it UCX listens on every interface); set
     ``UCX_NET_DEVICES`` to name another interface.
     """
@@ -495,7 +495,7 @@ def make_transport(
 
     loopback = {**DEFAULT_UCX_ENV, "UCX_NET_DEVICES": "lo"}  # applied only where unset
     return NixlTransport(
-        name, CpuMockBackend(), NixlConfig(progress_thread=serves, ucx_env=loopback)
+        name, CpuMockBackend(), NixlConfig(progress="poll" if serves else "none", ucx_env=loopback)
     )
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pathlib
 
+import pytest
+
 from mx_sim.cluster.launch import host_store
 
 

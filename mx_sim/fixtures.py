@@ -133,7 +133,7 @@ MODEL_BUILDERS: dict[str, Callable[[TinyModelSpec], torch.nn.Module]] = {
         **_IDS,
         n_routed_experts=s.num_experts,
         num_experts_per_tok=2,
-        n_group=1,
+        n_group=2,  # two groups of experts, the best one kept: group-limited routing
         topk_group=1,
         moe_intermediate_size=s.intermediate_size // 2,
         n_shared_experts=1,

@@ -60,6 +60,10 @@ class RunnerConfig:
 
 
 class Graph(Protocol):
+    # True when capture executes ``fn`` (the simulated graph); a CUDA capture only records
+    # kernels, so an in-place write of ``fn`` has not happened when it returns
+    runs_fn_on_capture: bool
+
     def warmup(self, fn: Callable[[], object]) -> None: ...
 
     def capture(self, fn: Callable[[], T]) -> T: ...
@@ -68,6 +72,8 @@ class Graph(Protocol):
 
 
 class _CpuGraph(SimulatedGraph):
+    runs_fn_on_capture = True
+
     def warmup(self, fn: Callable[[], object]) -> None:
         with torch.no_grad():
             fn()
@@ -75,6 +81,8 @@ class _CpuGraph(SimulatedGraph):
 
 class _CudaGraph:
     """``torch.cuda.CUDAGraph`` with side-stream warmups and a pool shared across captures."""
+
+    runs_fn_on_capture = False
 
     def __init__(self, pool: Any):
         self._graph = torch.cuda.CUDAGraph()
@@ -181,7 +189,10 @@ class GraphRunner:
 
         ``postprocess_fn(inputs)`` runs after each warmup and after the capture, to undo what
         ``forward_fn`` mutates in place (TensorRT-LLM's spec-decode ``kv_lens``); without it
-        such a mutation is applied ``warmup_steps + 1`` times. Capture the largest batch first.
+        such a mutation is applied ``warmup_steps + 1`` times. A CUDA capture only records the
+        forward's kernels, so there it runs after the warmups only: undoing a write that never
+        ran would leave the inputs one step behind (seen on an H200). Capture the largest
+        batch first.
         Returns the output every replay of this graph overwrites.
         """
         if key in self._entries:
@@ -207,7 +218,7 @@ class GraphRunner:
         for _ in range(warmup_steps):
             graph.warmup(step)
         output = graph.capture(lambda: forward_fn(static))
-        if postprocess_fn is not None:
+        if postprocess_fn is not None and graph.runs_fn_on_capture:
             postprocess_fn(static)
         ledger = self.ledger(static)
         liveness = LivenessTracker(self._tensors(static), pool_owns=self._pool_ptrs.__contains__)

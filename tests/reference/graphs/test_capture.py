@@ -369,3 +369,22 @@ def test_cuda_graph_capture_replay_and_validation():
     meta.seq_lens = meta.seq_lens.clone()
     with pytest.raises(InputAddressError, match="kwargs.attn_metadata.seq_lens"):
         runner.replay(8, inputs)
+
+
+@pytest.mark.gpu
+def test_cuda_capture_with_a_postprocess_leaves_mutated_inputs_as_they_were():
+    """A CUDA capture records the forward's in-place writes without running them, so only the
+    warmups are undone: the inputs end as they began (they were one step behind before)."""
+    runner = GraphRunner(RunnerConfig(), backend=CudaBackend())
+    kv_lens = torch.tensor([5, 7, 9, 11], device="cuda")
+
+    def forward(inputs):
+        inputs["kv_lens"].add_(1)  # spec-decode pre-processing advances it in place
+        return inputs["kv_lens"] * 2
+
+    out = runner.capture("spec", forward, {"kv_lens": kv_lens}, lambda i: i["kv_lens"].sub_(1))
+    torch.cuda.synchronize()
+    assert kv_lens.tolist() == [5, 7, 9, 11]
+    runner.replay("spec", {"kv_lens": kv_lens})
+    torch.cuda.synchronize()
+    assert kv_lens.tolist() == [6, 8, 10, 12] and out.tolist() == [12, 16, 20, 24]

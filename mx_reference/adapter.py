@@ -126,7 +126,8 @@ class EngineAdapter(Protocol):
         """Warm up and capture ``forward_fn(inputs)`` under ``key``; returns the output
         object every replay overwrites.
 
-        ``postprocess_fn(inputs)`` runs after each warmup run and after the capture, so inputs
+        ``postprocess_fn(inputs)`` undoes the in-place writes of each warmup run (and of the
+        capture, where capturing runs the forward: a CUDA capture only records it), so inputs
         ``forward_fn`` mutates in place are the same after capture as before it.
         """
         ...
@@ -173,7 +174,8 @@ class EngineAdapter(Protocol):
         """Request-scoped bookkeeping with the :class:`mx_reference.ipc.TensorBuffer` API:
         ``add(key, tensor, request_id)``, ``len()`` (tensors buffered), and
         ``abort(request_ids)`` taking one ``str`` id or a collection of ids and returning how
-        many tensors it freed."""
+        many tensors it freed. Aborting drops the tracker's references at once: an aborted
+        tensor's memory is not held until the TTL."""
         ...
 
     def target_layout(
@@ -192,7 +194,11 @@ class EngineAdapter(Protocol):
         The receiver's ``refit(version)`` applies that version in place, all or nothing (a
         failed cycle raises with a message and leaves the model unchanged), and returns the
         cycle's timing (``registrations``, ``bytes_allocated``, ``bytes_pulled``: zero setup on
-        a warm cycle with an unchanged layout); ``close()`` releases its buffers.
+        a warm cycle with an unchanged layout); ``close()`` releases its buffers. Bytes that
+        differ from the published ones (corrupted in flight) fail the cycle. A version from
+        trainers at another layout than the last one (a restarted trainer job) still applies.
+        The ranks of a replica (given one ``group``) apply a version together or not at all:
+        a failure on one rank fails the cycle on every rank, within the receiver's timeout.
         """
         ...
 

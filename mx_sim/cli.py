@@ -4,7 +4,8 @@
   the refit matrix, graph capture across a refit) on CPU and writes ``report.json``,
   ``report.md`` and PNG plots; exits non-zero on any failure.
 - ``mx-sim bench``: the benchmarks; JSON results and plots (``tox -e bench`` writes docs/perf).
-- ``mx-sim conformance --adapter pkg.module:factory``: the conformance suite without pytest flags.
+- ``mx-sim conformance --adapter pkg.module:factory``: the conformance suite, run by pytest with
+  the ``mx_conformance`` plugin, under the options of this command.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 
 from mx_sim.bench import BENCH_MODULES
 from mx_sim.commands import SCENARIO_MODULES
+from mx_sim.conformance.run_checks import TRACEBACK_STYLES
 from mx_sim.fixtures import MODEL_BUILDERS
 from mx_sim.refit.faults import FAULTS
 from mx_sim.refit.multiprocess import ENGINES, TRAINERS
@@ -151,11 +153,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--page", type=Path, default=None, help="also write a markdown page (docs/performance.md)"
     )
 
-    conformance = sub.add_parser("conformance", help="run the adapter conformance suite")
+    conformance = sub.add_parser(
+        "conformance",
+        help="run the adapter conformance suite (pytest with the mx_conformance plugin)",
+    )
     conformance.add_argument("--adapter", required=True, help="pkg.module:factory")
     conformance.add_argument("--report", type=Path, default=None, help="JSON report path")
     conformance.add_argument("--xfail", type=Path, default=None, help="expected-failures file")
-    conformance.add_argument("-k", dest="keyword", default=None, help="select checks by id")
+    conformance.add_argument(
+        "-k", dest="keyword", default=None, help="select checks: pytest's -k over check ids"
+    )
+    conformance.add_argument(
+        "--tb", choices=TRACEBACK_STYLES, default=None, help="pytest's traceback style"
+    )
+    conformance.add_argument(
+        "--junit", type=Path, default=None, help="also write JUnit XML (pytest's --junitxml)"
+    )
     return parser
 
 

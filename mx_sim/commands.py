@@ -83,22 +83,42 @@ def run_main(args: argparse.Namespace) -> int:
 def run_benchmarks(
     names: Sequence[str], out_dir: Path, quick: bool, log: Callable[[str], None] = print
 ) -> list[BenchResult]:
+    """Run ``names``; results.json and results.md keep the rows of benchmarks not run now."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    results: list[BenchResult] = []
+    unknown = [n for n in names if n not in BENCH_MODULES]
+    if unknown:
+        raise ValueError(f"unknown benchmark {unknown[0]!r}; known: {', '.join(BENCH_MODULES)}")
+    fresh: list[tuple[str, BenchResult]] = []
     for name in names:
-        if name not in BENCH_MODULES:
-            raise ValueError(f"unknown benchmark {name!r}; known: {', '.join(BENCH_MODULES)}")
         log(f"[mx-sim bench] {name} ...")
         rows = importlib.import_module(f"mx_sim.bench.{name}").run(out_dir, quick)
         for row in rows:
             metrics = ", ".join(f"{k}={v:.4g}" for k, v in row.metrics.items())
             log(f"[mx-sim bench]   {'met ' if row.met else 'MISS'} {row.name}: {metrics}")
-        results.extend(rows)
+        fresh += [(name, row) for row in rows]
+    tagged = _earlier_results(out_dir / "results.json", names, {r.name for _, r in fresh}) + fresh
+    tagged.sort(key=lambda t: BENCH_MODULES.index(t[0]) if t[0] in BENCH_MODULES else -1)
     (out_dir / "results.json").write_text(
-        json.dumps([r.to_json() for r in results], indent=2, default=str)
+        json.dumps([{"module": m, **r.to_json()} for m, r in tagged], indent=2, default=str)
     )
+    results = [r for _, r in tagged]
     (out_dir / "results.md").write_text(bench_table(results))
     return results
+
+
+def _earlier_results(
+    path: Path, rerun: Sequence[str], names: set[str]
+) -> list[tuple[str, BenchResult]]:
+    """The rows of an earlier results.json whose module is not run now, as ``(module, row)``;
+    a row from before rows named their module is kept unless a new row has its name."""
+    if not path.exists():
+        return []
+    out = []
+    for row in json.loads(path.read_text()):
+        module = row.pop("module", "")
+        if module not in rerun and row["name"] not in names:
+            out.append((module, BenchResult(**row)))
+    return out
 
 
 def bench_main(args: argparse.Namespace) -> int:
@@ -106,13 +126,27 @@ def bench_main(args: argparse.Namespace) -> int:
     results = run_benchmarks(args.only, args.out, args.quick)
     if args.page:
         write_performance_page(results, args.out, args.page)
+        modules = [importlib.import_module(f"mx_sim.bench.{name}") for name in BENCH_MODULES]
+        sections = [
+            m.page_section(args.out, args.page) for m in modules if hasattr(m, "page_section")
+        ]
+        shown = {line for s in sections for line in s.splitlines() if line.startswith("![")}
+        kept = [line for line in args.page.read_text().splitlines() if line not in shown]
+        args.page.write_text("\n".join([*kept, "", *filter(None, sections)]))  # plots once
     missed = [r.name for r in results if not r.met]
     print(f"[mx-sim bench] {len(results) - len(missed)}/{len(results)} goals met")
     return 0
 
 
 def conformance_main(args: argparse.Namespace) -> int:
-    """``mx-sim conformance``: the suite against ``--adapter``."""
+    """``mx-sim conformance``: the suite against ``--adapter``, run by ``pytest.main``."""
     from mx_sim.conformance.run_checks import run_conformance
 
-    return run_conformance(args.adapter, report=args.report, xfail=args.xfail, keyword=args.keyword)
+    return run_conformance(
+        args.adapter,
+        report=args.report,
+        xfails=args.xfail,
+        keyword=args.keyword,
+        tb=args.tb,
+        junit=args.junit,
+    )

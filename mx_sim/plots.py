@@ -1,4 +1,5 @@
-"""The two plot shapes reports use: horizontal bars and per-phase stacked bars (headless)."""
+"""The plot shapes reports use: horizontal bars, per-phase stacked bars and grouped bars
+(headless)."""
 
 from __future__ import annotations
 
@@ -42,6 +43,29 @@ def stacked_bars(
     ax.set_title(title)
     ax.tick_params(axis="x", labelrotation=30)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def grouped_bars(
+    path: Path,
+    title: str,
+    groups: Sequence[str],
+    series: Mapping[str, Sequence[float]],
+    unit: str,
+) -> None:
+    """One group per label of ``groups``, one bar per series in each, labelled with its value."""
+    plt = _pyplot()
+    width = 0.8 / len(series)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.5 * len(series) * len(groups) + 2), 4.5))
+    for i, (name, values) in enumerate(series.items()):
+        xs = [g + (i - (len(series) - 1) / 2) * width for g in range(len(groups))]
+        ax.bar_label(ax.bar(xs, list(values), width, label=name), fmt="%.1f", fontsize=7)
+    ax.set_xticks(range(len(groups)), list(groups))
+    ax.set_ylabel(unit)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

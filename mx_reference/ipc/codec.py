@@ -353,8 +353,9 @@ class Decoder:
             return self.source.open(dtype, shape, value)
         data = self._buffer(what, kind, value, math.prod(shape) * dtype.itemsize)
         if data.nbytes == 0:  # torch.frombuffer rejects empty buffers
-            try:
-                return torch.empty(shape, dtype=dtype)
+            try:  # allocating complex32 warns that it is experimental: its 4 bytes as int32
+                alloc = torch.int32 if dtype == torch.complex32 else dtype
+                return torch.empty(shape, dtype=alloc).view(dtype)
             except RuntimeError as exc:  # e.g. strides of a zero-sized shape overflow
                 raise DecodeError(f"{what}: bad shape {list(shape)}: {exc}") from exc
         return torch.frombuffer(data, dtype=torch.uint8).view(dtype).view(shape)

@@ -147,7 +147,7 @@ class _FdNotingPickler(ForkingPickler):
 
     def reducer_override(self, obj: Any) -> Any:
         if isinstance(obj, resource_sharer.DupFd):
-            self.fd_keys.append(obj._id[1])
+            self.fd_keys.append(obj._id[1])  # type: ignore[attr-defined]  # (address, key)
         return NotImplemented  # pickle it as usual
 
 
@@ -168,7 +168,7 @@ def _withdraw_fds(keys: Iterable[int]) -> None:
     ``multiprocessing`` has no public call for this; its resource sharer keeps each offered fd
     in ``_cache`` until a consumer connects for it, and a consumer that comes after all gets a
     closed connection, which it counts as lost."""
-    sharer = resource_sharer._resource_sharer
+    sharer = resource_sharer._resource_sharer  # type: ignore[attr-defined]
     for key in keys:
         with sharer._lock:
             entry = sharer._cache.pop(key, None)
@@ -429,7 +429,7 @@ class SharedTensorReceiver:
         in :attr:`gone`)."""
         q = self.queues.data[self.consumer]
         pidfd = self._pidfds.get(watch) if watch is not None else None
-        if pidfd is not None and timeout > 0:
+        if watch is not None and pidfd is not None and timeout > 0:
             # one blocking wait on the queue's pipe and on the producer's exit, whichever is first
             ready = multiprocessing.connection.wait([q._reader, pidfd], timeout)
             if pidfd in ready:

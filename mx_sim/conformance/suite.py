@@ -1,6 +1,7 @@
 """The conformance suite as pytest tests: one parametrized test per registered check.
 
-Collected only when the plugin is given an adapter (``--mx-adapter`` or ``MX_ADAPTER``).
+Collected only when the plugin is given an adapter (``--mx-adapter``, ``MX_ADAPTER`` or an
+in-process factory).
 """
 
 from __future__ import annotations
@@ -8,15 +9,14 @@ from __future__ import annotations
 import pytest
 
 from mx_sim.conformance.catalog import all_checks
-from mx_sim.conformance.plugin import adapter_spec
-from mx_sim.conformance.run_checks import load_factory
+from mx_sim.conformance.plugin import adapter_factory
 
 CHECKS = all_checks()
 
 
 @pytest.fixture(scope="session")
 def mx_adapter_factory(pytestconfig):
-    return load_factory(adapter_spec(pytestconfig))
+    return adapter_factory(pytestconfig)
 
 
 @pytest.mark.parametrize(

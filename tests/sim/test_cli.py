@@ -21,6 +21,7 @@ from mx_sim.scenarios import discovery
         (["bench", "--only", "nope"], "unknown name(s) nope"),
         (["frob"], "invalid choice: 'frob'"),
         (["conformance"], "the following arguments are required: --adapter"),
+        (["conformance", "--adapter", "a:f", "--tb", "full"], "--tb: invalid choice: 'full'"),
     ],
 )
 def test_bad_options_get_one_line_and_exit_2(argv, expected, capsys):

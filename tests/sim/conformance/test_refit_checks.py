@@ -11,7 +11,8 @@ import pytest
 from mx_reference import adapter as caps
 from mx_sim.conformance.adapters import ReferenceAdapter, reference_adapter
 from mx_sim.conformance.catalog import all_checks
-from mx_sim.conformance.run_checks import load_factory, run_checks
+from mx_sim.conformance.inputs import load_factory
+from mx_sim.conformance.run_checks import run_checks
 from mx_sim.cpu_mock import CpuMockBackend
 
 # mutant module -> the check that must catch it (others may too)
@@ -24,6 +25,12 @@ MUTANTS = {
     "refit_tie_lost": "refit.tied_embeddings",
     "refit_rebind_storage": "refit.in_place_storage",
     "refit_partial_apply": "refit.mid_transfer_failure",
+    "refit_load_weights_casts": "refit.load_weights_atomic",
+    "refit_pause_not_gating": "refit.pause_gating",
+    "refit_plan_cache_without_layout": "refit.trainer_layout_change",
+    "refit_digest_not_verified": "refit.corruption_in_flight",
+    "refit_vocab_padding_64": "refit.bf16_padded_vocab",
+    "refit_replica_no_vote": "refit.replica_fault",
 }
 REFIT_CHECKS = [c for c in all_checks() if c.feature == "refit"]
 

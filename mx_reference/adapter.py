@@ -195,7 +195,8 @@ class EngineAdapter(Protocol):
         failed cycle raises with a message and leaves the model unchanged), and returns the
         cycle's timing (``registrations``, ``bytes_allocated``, ``bytes_pulled``: zero setup on
         a warm cycle with an unchanged layout); ``close()`` releases its buffers. Bytes that
-        differ from the published ones (corrupted in flight) fail the cycle. A version from
+        differ from the published ones (corrupted in flight) fail the cycle. A version is
+        applied only once every trainer rank has published it (never a mix of two). A version from
         trainers at another layout than the last one (a restarted trainer job) still applies.
         The ranks of a replica (given one ``group``) apply a version together or not at all:
         a failure on one rank fails the cycle on every rank, within the receiver's timeout.

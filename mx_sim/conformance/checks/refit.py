@@ -37,7 +37,7 @@ TIED = TinyModelSpec(tie_word_embeddings=True)
 
 
 def _rig(kind: str, spec: TinyModelSpec, **config: Any) -> RefitRig:
-    return RefitRig(RigConfig(kind, spec, timeout_s=TIMEOUT_S, **config))
+    return RefitRig(RigConfig(kind, spec, **{"timeout_s": TIMEOUT_S, **config}))
 
 
 def build(adapter: Any, kind: str, spec: TinyModelSpec) -> torch.nn.Module:
@@ -353,6 +353,35 @@ def corruption_in_flight(adapter) -> None:
     _refused_then_recovered(
         adapter, Fault("corrupt_shard", cycle=2, rank=1), "a pulled byte was corrupted"
     )
+
+
+@check("refit.partial_version", requires=(caps.MIXED_TP,))
+def partial_version(adapter) -> None:
+    """A version only one of two trainer ranks has published yet is not applied (a refit of
+    it fails within the timeout, the model unchanged: no mixed-version model); once the
+    other rank publishes it, it applies bit-exactly."""
+    wait_s = 1.0
+    with _rig("llama", LLAMA, trainer_tp=2, timeout_s=wait_s) as rig:
+        model = build(adapter, "llama", LLAMA)
+        rank = _rank(rig, adapter, model)
+        _cycles(rig, rank, range(1, 2))
+        rig.trainers[0].publish(2)  # trainer rank 1 is still at version 1
+        digest, start = model_digest(model), time.monotonic()
+        try:
+            rank.receiver.refit(2)
+        except Exception:
+            if time.monotonic() - start > 4 * wait_s + TIMEOUT_S:
+                raise AssertionError(
+                    f"v2 half published: refused only after {time.monotonic() - start:.1f} s"
+                ) from None
+        else:
+            raise AssertionError("v2 applied while only trainer rank 0 of 2 had published it")
+        if model_digest(model) != digest:
+            raise AssertionError("v2 half published: refused, yet the model changed")
+        rig.trainers[1].publish(2)
+        before = snapshot(model)
+        rank.receiver.refit(2)
+        _raise(check_cycle(2, before, before, snapshot(model), rig.weights.params(2)))
 
 
 @check("refit.trainer_layout_change", requires=(caps.MIXED_TP,))

@@ -31,6 +31,7 @@ MUTANTS = {
     "refit_digest_not_verified": "refit.corruption_in_flight",
     "refit_vocab_padding_64": "refit.bf16_padded_vocab",
     "refit_replica_no_vote": "refit.replica_fault",
+    "refit_newest_manifest_per_rank": "refit.partial_version",
 }
 REFIT_CHECKS = [c for c in all_checks() if c.feature == "refit"]
 

@@ -72,6 +72,13 @@ class EngineAdapter(Protocol):
         """
         ...
 
+    def finalize(self, model: torch.nn.Module, fn: Callable[[torch.nn.Module], None]) -> None:
+        """Run a model-specific finalizer ``fn(model)``, the engine's second capture site
+        (vLLM's MLA ``process_weights_after_loading`` builds ``W_UV`` and ``W_UK_T``): as in
+        :meth:`post_load`, a bare accelerator-tensor assignment on a submodule is published
+        under that qualified name."""
+        ...
+
     def discover_tensors(
         self, model: torch.nn.Module, backend: AcceleratorBackend | None = None
     ) -> list[PublishedTensor]:

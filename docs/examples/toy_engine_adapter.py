@@ -74,6 +74,9 @@ class ToyEngineAdapter:
         with capture_tensor_attrs(model, self.backend):
             fn(model)
 
+    def finalize(self, model: torch.nn.Module, fn: Callable[[torch.nn.Module], None]) -> None:
+        self.post_load(model, fn)  # the same capture at the engine's second site
+
     def discover_tensors(self, model, backend=None):
         return discover(model, backend or self.backend)
 

@@ -80,6 +80,10 @@ class ReferenceAdapter:
         with capture_tensor_attrs(model, self.backend):
             fn(model)
 
+    def finalize(self, model: torch.nn.Module, fn: Callable[[torch.nn.Module], None]) -> None:
+        """A model-specific finalizer: captured exactly as :meth:`post_load`."""
+        self.post_load(model, fn)
+
     def discover_tensors(
         self, model: torch.nn.Module, backend: AcceleratorBackend | None = None
     ) -> list[PublishedTensor]:

@@ -218,6 +218,30 @@ class _QuantConfig:
         self.input_scale = torch.full((2,), 0.25, device=device)
 
 
+def _mla_finalizer(model: Any) -> None:
+    """A finalizer shaped like vLLM's MLA ``process_weights_after_loading``: absorbed
+    projections built from the loaded weights, assigned as bare attributes."""
+    for layer in model.model.layers:
+        attn = layer.self_attn
+        attn.W_UK_T = attn.k_proj.weight.detach().t().contiguous()
+        attn.W_UV = attn.v_proj.weight.detach().clone()
+
+
+@check("discovery.finalizer_capture")
+def finalizer_capture(adapter) -> None:
+    """Tensors a model-specific finalizer creates (the engine's second capture site) are
+    published under their attribute names, under the adapter's backend."""
+    model = adapter.build_model("llama")
+    adapter.finalize(model, _mla_finalizer)
+    published = _expect_exact_cover(adapter, model, "llama after an MLA-style finalizer")
+    names = {n for p in published for n in (p.name, *p.aliases)}
+    for i in range(len(model.model.layers)):
+        for attr in ("W_UK_T", "W_UV"):
+            name = f"model.layers.{i}.self_attn.{attr}"
+            if name not in names:
+                raise AssertionError(f"finalizer tensor {name} is not published under its name")
+
+
 @check("discovery.post_load_capture", requires=(caps.FP8,))
 def post_load_capture(adapter) -> None:
     """Tensors created by post-load processing are published, under their attribute names."""

@@ -249,7 +249,7 @@ def run_dead_consumer(
 
 
 def run(quick: bool) -> list[ScenarioResult]:
-    return [run_producer_death(), run_dead_consumer(seconds=3.0 if quick else 20.0)]
+    return [run_producer_death(), run_dead_consumer(seconds=3.0 if quick else 6.0)]
 
 
 CASES = {"producer_death": run_producer_death, "dead_consumer": run_dead_consumer}

@@ -251,6 +251,7 @@ def test_file_system_strategy_names_dev_shm_segments_file_descriptor_does_not():
         tmp.set_sharing_strategy(previous)
 
 
+@pytest.mark.reliability
 def test_the_ttl_withdraws_the_fds_offered_for_tensors_no_consumer_fetched():
     """A producer whose consumer died: each unfetched tensor holds an fd in the fd server
     (``multiprocessing.resource_sharer``) until its TTL, not until the producer exits."""
@@ -277,6 +278,7 @@ def _exited_pid() -> int:
     return child.pid
 
 
+@pytest.mark.reliability
 @pytest.mark.parametrize("lifetime", ["exited", "exits_while_waited_for"])
 def test_a_tensor_of_a_producer_whose_process_exits_fails_at_once(lifetime):
     """No wait of ``get_timeout_s`` (60 s here) for a tensor whose producer is gone: the

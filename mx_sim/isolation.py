@@ -9,6 +9,7 @@ is missing the command runs as it is, and the caller is told so.
 from __future__ import annotations
 
 import functools
+import os
 import shutil
 import subprocess
 
@@ -16,16 +17,10 @@ _MOUNT_AND_EXEC = 'mount -t tmpfs -o size=2g mx-shm /dev/shm && exec "$@"'
 
 
 def _in_private_shm(argv: list[str]) -> list[str]:
-    return [
-        "unshare",
-        "--mount",
-        "--propagation",
-        "private",
-        "sh",
-        "-c",
-        _MOUNT_AND_EXEC,
-        "sh",
-    ] + argv
+    # as root a new mount namespace is enough; anyone else needs a user namespace for it
+    user = [] if os.geteuid() == 0 else ["--map-root-user"]
+    private = ["unshare", *user, "--mount", "--propagation", "private"]
+    return [*private, "sh", "-c", _MOUNT_AND_EXEC, "sh", *argv]
 
 
 @functools.cache
@@ -33,7 +28,10 @@ def private_shm_available() -> bool:
     """True when this machine lets a child run under its own ``/dev/shm``."""
     if shutil.which("unshare") is None:
         return False
-    probe = subprocess.run(_in_private_shm(["true"]), capture_output=True, timeout=30)
+    try:
+        probe = subprocess.run(_in_private_shm(["true"]), capture_output=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        return False
     return probe.returncode == 0
 
 

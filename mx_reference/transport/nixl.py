@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import logging
 import os
 import threading
 from collections.abc import Iterator, Sequence
@@ -38,6 +39,8 @@ from mx_reference.transport.base import (
     TransportError,
     XferHandle,
 )
+
+log = logging.getLogger(__name__)
 
 # Filled in only when unset. The two UCX_MEM/RCACHE settings are what vLLM applies before
 # importing nixl (no mmap hooks into the host allocator, a bounded registration cache).
@@ -79,6 +82,14 @@ class NixlConfig:
     poll_interval_s: float = 0.05
     error_handling_mode: str | None = None
     ucx_env: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_UCX_ENV))
+
+    def __post_init__(self) -> None:
+        if self.progress not in ("poll", "thread", "none"):
+            raise ValueError(
+                f"NixlConfig: field 'progress': {self.progress!r} is not poll|thread|none"
+            )
+        if self.poll_interval_s <= 0:
+            raise ValueError(f"NixlConfig: field 'poll_interval_s': {self.poll_interval_s} <= 0")
 
 
 def apply_ucx_env(env: dict[str, str]) -> dict[str, str]:
@@ -147,15 +158,18 @@ class NixlTransport(Transport):
 
     def _poll(self) -> None:
         """Drive the agent's progress every ``poll_interval_s`` (fetching notifications is what
-        progresses a NIXL agent from Python); keep what arrives for :meth:`_poll_notifs`."""
+        progresses a NIXL agent from Python); keep what arrives for :meth:`_poll_notifs`. A
+        failed round (a peer gone) is logged and polling goes on: the other peers still read."""
         while not self._stop_polling.wait(self.config.poll_interval_s):
-            with self._nixl_errors("progress"):
-                self._gather_notifs()
+            try:
+                with self._nixl_errors("progress"):
+                    self._gather_notifs()
+            except TransportError as exc:
+                log.warning("%s: %s", self.name, exc)
 
     def _gather_notifs(self) -> None:
-        new = self._agent.get_new_notifs()
         with self._notifs_lock:
-            for agent, msgs in new.items():
+            for agent, msgs in self._agent.get_new_notifs().items():
                 self._notifs.setdefault(agent, []).extend(msgs)
 
     # -- primitives ------------------------------------------------------------------------

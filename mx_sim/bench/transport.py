@@ -135,10 +135,12 @@ def _measure(kind: str, nbytes: int, reps: int, tmp: str) -> dict[str, float]:
 
 def _idle_cpu(progress: str, seconds: float) -> float:
     """CPU seconds a second of a process holding one idle NIXL agent with ``progress``."""
-    from mx_reference.transport.nixl import NixlConfig, NixlTransport
+    from mx_reference.transport.nixl import DEFAULT_UCX_ENV, NixlConfig, NixlTransport
     from mx_sim.cpu_mock import CpuMockBackend
 
-    with NixlTransport("idle", CpuMockBackend(), NixlConfig(progress=progress)):  # type: ignore[arg-type]
+    loopback = {**DEFAULT_UCX_ENV, "UCX_NET_DEVICES": "lo"}  # as make_transport's agents
+    config = NixlConfig(progress=progress, ucx_env=loopback)  # type: ignore[arg-type]
+    with NixlTransport("idle", CpuMockBackend(), config):
         time.sleep(0.5)  # past the agent's start
         cpu, wall = time.process_time(), time.monotonic()
         time.sleep(seconds)
@@ -148,7 +150,7 @@ def _idle_cpu(progress: str, seconds: float) -> float:
 def idle_cpu(seconds: float) -> BenchResult:
     """Idle CPU of an agent per progress mode, each in a fresh process (goal: poll < 1 %)."""
     ctx = mp.get_context("spawn")
-    with ctx.Pool(1) as pool:
+    with ctx.Pool(1, maxtasksperchild=1) as pool:
         share = {p: pool.apply(_idle_cpu, (p, seconds)) for p in ("poll", "thread", "none")}
     return BenchResult(
         name="transport_idle_cpu",

@@ -154,7 +154,11 @@ class ReferenceAdapter:
         """A new sender on the queues of ``channel``'s sink, at ``slot``: a new incarnation
         (its own producer id) even at a slot already used."""
         sink, _ = channel
-        assert isinstance(sink, SharedTensorSender), "attach_producer: not a shared channel"
+        if not isinstance(sink, SharedTensorSender):
+            raise TypeError(
+                f"attach_producer: field 'channel': a {type(sink).__name__} sink, "
+                "not a shared channel's"
+            )
         return self.sender_class(sink.queues, slot, sink.config)
 
     def make_request_tracker(self, ttl_s: float = 60.0) -> TensorBuffer:

@@ -11,8 +11,9 @@ The pytest plugin builds one :class:`ConformanceReport` per session (the xdist c
 - ``adapter``, ``capabilities``, ``ok`` (at least one check ran and none failed),
   ``summary`` (feature -> status -> count), ``stale_xfails``;
 - ``checks``: per check ``id``, ``feature``, ``status``, ``reason``, ``seconds``,
-  ``contract`` (the catalog's sentence) and ``where`` (for a failure: ``check``,
-  ``reference``, ``simulator`` or ``adapter``, the code that raised; ``null`` otherwise).
+  ``contract`` (the catalog's sentence) and ``where`` (for a failure: whose code raised,
+  ``check``, ``reference``, ``simulator`` or ``adapter``, and its file and line, as in
+  ``check (ipc.py:120)``; ``null`` otherwise).
 """
 
 from __future__ import annotations

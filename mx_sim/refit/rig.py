@@ -13,6 +13,7 @@ warm-cycle accounting, atomic apply, the poller, an adapter's receiver.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import uuid
 from collections.abc import Callable
@@ -105,6 +106,9 @@ class RefitRig:
                 trainer.retire(version)
         for trainer in self.trainers:
             trainer.close()
+        self.config = dataclasses.replace(
+            self.config, trainer_tp=trainer_tp, trainer_pp=trainer_pp, trainer_ep=trainer_ep
+        )
         self.spec = TopologySpec(
             trainer_tp=trainer_tp, trainer_pp=trainer_pp, trainer_ep=trainer_ep
         )

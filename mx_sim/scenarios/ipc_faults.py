@@ -80,7 +80,9 @@ def run_producer_death(
         "healthy_delivered": len(delivered),
         "healthy_expected": messages,
         "healthy_after_kill": sum(at > killed["at"] for at in healthy_at),
-        "healthy_messages_per_s": (len(healthy_at) - 1) / (max(healthy_at) - min(healthy_at)),
+        "healthy_messages_per_s": (len(healthy_at) - 1) / (max(healthy_at) - min(healthy_at))
+        if len(healthy_at) > 1
+        else 0.0,
         "dead_delivered": dead_delivered,
         "dead_failed": len(failures),
         "other_failures": len(consumer["failed"]) - len(failures),
@@ -118,7 +120,9 @@ def run_producer_death(
     )
 
 
-def _idle_consumer(queues: TensorQueues, headers: Any, results: Any, take: int, config) -> None:
+def _idle_consumer(
+    queues: TensorQueues, headers: Any, results: Any, take: int, config: SharedChannelConfig
+) -> None:
     """Decode ``take`` messages, report, then wait to be SIGKILLed."""
     setup_sharing(config)
     decoder = Decoder(source=SharedTensorReceiver(queues, 0, config))
@@ -135,7 +139,7 @@ def _streaming_producer(
     seconds: float,
     min_messages: int,
     nofile: int,
-    config,
+    config: SharedChannelConfig,
 ) -> None:
     """Stream one 64 KiB tensor a message for ``seconds``, and on until ``min_messages`` were
     sent (a loaded machine streams slower), under an fd limit of ``nofile``, sampling this
@@ -202,12 +206,12 @@ def run_dead_consumer(
         consumer.start()
         producer.start()
         role, pid = results.get(timeout=60)
-        assert role == "consumer", role
+        if role != "consumer":  # the producer finished first: the consumer never decoded
+            return ScenarioResult("ipc_dead_consumer", False, "the consumer did not report")
         os.kill(pid, signal.SIGKILL)
-        role, report = results.get(timeout=seconds + 120)
-        assert role == "producer", role
+        _, report = results.get(timeout=seconds + 120)
     except queue.Empty:
-        return ScenarioResult("ipc_dead_consumer", False, "the producer did not report")
+        return ScenarioResult("ipc_dead_consumer", False, "a process did not report")
     finally:
         for p in (consumer, producer):
             p.join(timeout=10)

@@ -433,6 +433,10 @@ def pause_gating(adapter) -> None:
         if not entered.wait(TIMEOUT_S):
             raise AssertionError("a forward was not admitted by inference() while not paused")
         adapter.pause()
+        if not reads:  # the forward appends its reads before it leaves inference()
+            raise AssertionError(
+                "pause() returned while a forward admitted before it was still running"
+            )
         if not adapter.paused:
             raise AssertionError("paused is False after pause() returned")
         rank.receiver.refit(1)
@@ -445,10 +449,7 @@ def pause_gating(adapter) -> None:
         if adapter.paused or not admitted.is_set():
             raise AssertionError("after resume(): paused still True or no forward admitted")
         if reads[0][0] != reads[0][1]:
-            raise AssertionError(
-                "a refit landed inside a running forward: pause() returned before the forward "
-                "that had entered inference() finished"
-            )
+            raise AssertionError("a refit landed inside a running forward")
 
 
 @check("refit.load_weights_atomic")

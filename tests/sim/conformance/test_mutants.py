@@ -3,8 +3,11 @@ one check, and the reference adapter fails none. The run prints "N/N mutants cau
 
 from __future__ import annotations
 
+import fnmatch
 import importlib
+import pathlib
 import pkgutil
+import re
 
 import mutants
 import pytest
@@ -15,6 +18,26 @@ from mx_sim.conformance.run_checks import run_checks
 from mx_sim.conformance.sharded_adapter import vllm_shaped_adapter
 
 MUTANTS = sorted(m.name for m in pkgutil.iter_modules(mutants.__path__))
+DOC = pathlib.Path(__file__).parents[3] / "docs" / "conformance.md"
+
+
+def _caught_by_in_docs() -> dict[str, list[str]]:
+    """docs/conformance.md's mutant table: mutant -> the check ids (or ``*`` patterns) of its
+    "caught by" column."""
+    rows = [line.split("|") for line in DOC.read_text().splitlines() if line.startswith("| `")]
+    return {
+        row[1].strip().strip("`"): re.findall(r"`([a-z]+\.[a-z0-9_*]+)`", row[-2])
+        for row in rows
+        if len(row) >= 5 and row[1].strip().strip("`") in MUTANTS
+    }
+
+
+CAUGHT_BY = _caught_by_in_docs()
+
+
+def test_every_mutant_is_in_the_docs_with_the_checks_that_catch_it():
+    assert sorted(CAUGHT_BY) == MUTANTS
+    assert all(CAUGHT_BY.values()), {m: c for m, c in CAUGHT_BY.items() if not c}
 
 
 def test_there_is_a_mutant_per_bug_class():
@@ -46,3 +69,7 @@ def test_mutant_is_caught(name):
     report = run_checks(module.factory, name=name)
     caught_by = report.failed_ids()
     assert caught_by, f"mutant {name!r} ({module.__doc__.splitlines()[0]}) passed every check"
+    named = CAUGHT_BY[name]  # what docs/conformance.md says catches it
+    assert any(fnmatch.fnmatch(c, pattern) for c in caught_by for pattern in named), (
+        f"mutant {name!r}: the docs name {named}, it was caught by {caught_by}"
+    )

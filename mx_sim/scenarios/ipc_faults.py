@@ -45,7 +45,7 @@ def _shm_entries() -> int:
 
 
 def run_producer_death(
-    messages: int = 300, burst: int = 40, get_timeout_s: float = 5.0, ttl_s: float = 2.0
+    messages: int = 300, burst: int = 40, get_timeout_s: float = 5.0, ttl_s: float = 10.0
 ) -> ScenarioResult:
     """Producer 0 sends ``burst`` messages at once and SIGKILLs itself; producer 1 streams
     ``messages`` to the same consumer. Its tensors still in the pipe die with producer 0's fd
@@ -185,7 +185,8 @@ def run_dead_consumer(
     seconds: float = 6.0, ttl_s: float = 0.5, nofile: int = 1024
 ) -> ScenarioResult:
     """A consumer decodes a few messages and is SIGKILLed; its producer streams on for
-    ``seconds`` (and at least ``2 * nofile`` messages) with ``RLIMIT_NOFILE`` at ``nofile``.
+    ``seconds`` (and at least ``nofile`` messages: unfetched, each would hold two fds, its
+    storage's and the one offered for it) with ``RLIMIT_NOFILE`` at ``nofile``.
     Passes when the producer never runs out of fds and its fd count stays bounded (the TTL
     withdraws the fds of never-fetched tensors)."""
     config = SharedChannelConfig(ttl_s=ttl_s)
@@ -197,7 +198,7 @@ def run_dead_consumer(
     )
     producer = ctx.Process(
         target=_streaming_producer,
-        args=(queues, headers, results, seconds, 2 * nofile, nofile, config),
+        args=(queues, headers, results, seconds, nofile, nofile, config),
         daemon=True,
     )
     shm_before = _shm_entries()
@@ -263,8 +264,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("case", choices=sorted(CASES))
     parser.add_argument("--seconds", type=float, help="dead_consumer: how long the stream runs")
+    parser.add_argument("--nofile", type=int, help="dead_consumer: the producer's fd limit")
+    parser.add_argument("--ttl", type=float, help="dead_consumer: the channel's ttl_s")
     args = parser.parse_args()
-    kwargs = {"seconds": args.seconds} if args.seconds is not None else {}
+    given = {"seconds": args.seconds, "nofile": args.nofile, "ttl_s": args.ttl}
+    kwargs = {k: v for k, v in given.items() if v is not None}
     print(json.dumps(CASES[args.case](**kwargs).to_json()))
 
 

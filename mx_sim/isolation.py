@@ -2,7 +2,8 @@
 
 The command gets a new mount namespace (``unshare --mount``) with a fresh tmpfs on ``/dev/shm``,
 so what it counts there is its own, whatever else runs beside it (parallel tests, another
-simulator). It needs ``unshare`` and the right to mount (root, or a user namespace); where either
+simulator), and a new pid namespace, so that when it is killed (a timeout) no process it
+started outlives it. It needs ``unshare`` and the right to mount (root, or a user namespace); where either
 is missing the command runs as it is, and the caller is told so.
 """
 
@@ -19,7 +20,17 @@ _MOUNT_AND_EXEC = 'mount -t tmpfs -o size=2g mx-shm /dev/shm && exec "$@"'
 def _in_private_shm(argv: list[str]) -> list[str]:
     # as root a new mount namespace is enough; anyone else needs a user namespace for it
     user = [] if os.geteuid() == 0 else ["--map-root-user"]
-    private = ["unshare", *user, "--mount", "--propagation", "private"]
+    # a pid namespace too: killed at a timeout, the command takes every process it started
+    private = [
+        "unshare",
+        *user,
+        "--pid",
+        "--fork",
+        "--kill-child",
+        "--mount",
+        "--propagation",
+        "private",
+    ]
     return [*private, "sh", "-c", _MOUNT_AND_EXEC, "sh", *argv]
 
 

@@ -128,7 +128,7 @@ def _idle_consumer(
     decoder = Decoder(source=SharedTensorReceiver(queues, 0, config))
     for _ in range(take):
         decoder.decode(headers.get(timeout=30))
-    results.put(("consumer", os.getpid()))
+    results.put(os.getpid())
     time.sleep(600)
 
 
@@ -176,7 +176,7 @@ def _streaming_producer(
         "pending": sender.pending,
         "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
-    results.put(("producer", report))
+    results.put(report)
     headers.cancel_join_thread()  # its consumer is dead: exit without flushing to it
     queues.close()
 
@@ -192,13 +192,15 @@ def run_dead_consumer(
     config = SharedChannelConfig(ttl_s=ttl_s)
     ctx = tmp.get_context("spawn")
     queues = TensorQueues.create(1, 1, ctx)
-    headers, results = ctx.Queue(), ctx.Queue()
+    # a queue of its own for each child: the consumer is SIGKILLed right after its put, and a
+    # process killed inside a put holds the queue's shared write lock for good
+    headers, from_consumer, from_producer = ctx.Queue(), ctx.Queue(), ctx.Queue()
     consumer = ctx.Process(
-        target=_idle_consumer, args=(queues, headers, results, 5, config), daemon=True
+        target=_idle_consumer, args=(queues, headers, from_consumer, 5, config), daemon=True
     )
     producer = ctx.Process(
         target=_streaming_producer,
-        args=(queues, headers, results, seconds, nofile, nofile, config),
+        args=(queues, headers, from_producer, seconds, nofile, nofile, config),
         daemon=True,
     )
     shm_before = _shm_entries()
@@ -206,11 +208,8 @@ def run_dead_consumer(
     try:
         consumer.start()
         producer.start()
-        role, pid = results.get(timeout=60)
-        if role != "consumer":  # the producer finished first: the consumer never decoded
-            return ScenarioResult("ipc_dead_consumer", False, "the consumer did not report")
-        os.kill(pid, signal.SIGKILL)
-        _, report = results.get(timeout=seconds + 120)
+        os.kill(from_consumer.get(timeout=60), signal.SIGKILL)
+        report = from_producer.get(timeout=seconds + 120)
     except queue.Empty:
         return ScenarioResult("ipc_dead_consumer", False, "a process did not report")
     finally:
@@ -219,7 +218,7 @@ def run_dead_consumer(
             if p.is_alive():
                 p.kill()
                 p.join()
-        for q in (headers, results):
+        for q in (headers, from_consumer, from_producer):
             q.close()
             q.cancel_join_thread()
         queues.close()

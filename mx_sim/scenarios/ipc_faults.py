@@ -123,11 +123,16 @@ def run_producer_death(
 def _idle_consumer(
     queues: TensorQueues, headers: Any, results: Any, take: int, config: SharedChannelConfig
 ) -> None:
-    """Decode ``take`` messages, report, then wait to be SIGKILLed."""
+    """Decode ``take`` messages, report this process's pid (or the error that stopped it),
+    then wait to be SIGKILLed."""
     setup_sharing(config)
     decoder = Decoder(source=SharedTensorReceiver(queues, 0, config))
-    for _ in range(take):
-        decoder.decode(headers.get(timeout=30))
+    try:
+        for _ in range(take):
+            decoder.decode(headers.get(timeout=30))
+    except Exception as exc:
+        results.put(f"{type(exc).__name__}: {exc}")
+        return
     results.put(os.getpid())
     time.sleep(600)
 
@@ -136,29 +141,40 @@ def _streaming_producer(
     queues: TensorQueues,
     headers: Any,
     results: Any,
+    consumer_killed: Any,
+    take: int,
     seconds: float,
     min_messages: int,
     nofile: int,
     config: SharedChannelConfig,
 ) -> None:
-    """Stream one 64 KiB tensor a message for ``seconds``, and on until ``min_messages`` were
-    sent (a loaded machine streams slower), under an fd limit of ``nofile``, sampling this
-    process's fd count; report the samples and the first error."""
+    """Send the ``take`` messages the consumer decodes, wait until it was killed, then stream
+    one 64 KiB tensor a message for ``seconds``, and on until ``min_messages`` were sent (a
+    loaded machine streams slower), under an fd limit of ``nofile``, sampling this process's
+    fd count; report the samples and the first error."""
     setup_sharing(config)
     resource.setrlimit(
         resource.RLIMIT_NOFILE, (nofile, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
     )
     sender = SharedTensorSender(queues, 0, config)
     encoder = Encoder(sender)
-    fds, error, seq = [_fd_count()], "", 0
+
+    def send(seq: int) -> None:
+        with request_scope(sender, f"r{seq}", 0):
+            frames = encoder.encode({"seq": seq, "t": torch.full((STREAMED_NUMEL,), float(seq))})
+        headers.put([bytes(f) for f in frames])
+
+    # nothing is sent (and so nothing reaped at the TTL) until the consumer has what it
+    # decodes: a consumer slow to start on a loaded machine must not find its tensors
+    # withdrawn, nor this producer gone before it decoded them
+    for seq in range(take):
+        send(seq)
+    consumer_killed.wait(timeout=120)
+    fds, error, seq = [_fd_count()], "", take
     start = next_sample = time.monotonic()
-    while (now := time.monotonic()) - start < seconds or seq < min_messages:
+    while (now := time.monotonic()) - start < seconds or seq - take < min_messages:
         try:
-            with request_scope(sender, f"r{seq}", 0):
-                frames = encoder.encode(
-                    {"seq": seq, "t": torch.full((STREAMED_NUMEL,), float(seq))}
-                )
-            headers.put([bytes(f) for f in frames])
+            send(seq)
         except OSError as exc:  # EMFILE: out of fds
             error = f"{type(exc).__name__}: {exc}"
             break
@@ -169,7 +185,7 @@ def _streaming_producer(
         time.sleep(0.002)
     report = {
         "seconds": time.monotonic() - start,
-        "messages": seq,
+        "messages": seq - take,
         "fds": fds,
         "error": error,
         "expired": sender.expired,
@@ -195,12 +211,15 @@ def run_dead_consumer(
     # a queue of its own for each child: the consumer is SIGKILLed right after its put, and a
     # process killed inside a put holds the queue's shared write lock for good
     headers, from_consumer, from_producer = ctx.Queue(), ctx.Queue(), ctx.Queue()
+    consumer_killed = ctx.Event()
+    take = 5
     consumer = ctx.Process(
-        target=_idle_consumer, args=(queues, headers, from_consumer, 5, config), daemon=True
+        target=_idle_consumer, args=(queues, headers, from_consumer, take, config), daemon=True
     )
+    stream = (take, seconds, nofile, nofile, config)
     producer = ctx.Process(
         target=_streaming_producer,
-        args=(queues, headers, from_producer, seconds, nofile, nofile, config),
+        args=(queues, headers, from_producer, consumer_killed, *stream),
         daemon=True,
     )
     shm_before = _shm_entries()
@@ -208,7 +227,11 @@ def run_dead_consumer(
     try:
         consumer.start()
         producer.start()
-        os.kill(from_consumer.get(timeout=60), signal.SIGKILL)
+        pid = from_consumer.get(timeout=60)
+        if isinstance(pid, str):
+            return ScenarioResult("ipc_dead_consumer", False, f"the consumer failed: {pid}")
+        os.kill(pid, signal.SIGKILL)
+        consumer_killed.set()
         report = from_producer.get(timeout=seconds + 120)
     except queue.Empty:
         return ScenarioResult("ipc_dead_consumer", False, "a process did not report")

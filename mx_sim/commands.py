@@ -125,14 +125,11 @@ def bench_main(args: argparse.Namespace) -> int:
     """``mx-sim bench``: the benchmarks, their JSON and plots, and optionally the docs page."""
     results = run_benchmarks(args.only, args.out, args.quick)
     if args.page:
-        write_performance_page(results, args.out, args.page)
         modules = [importlib.import_module(f"mx_sim.bench.{name}") for name in BENCH_MODULES]
         sections = [
             m.page_section(args.out, args.page) for m in modules if hasattr(m, "page_section")
         ]
-        shown = {line for s in sections for line in s.splitlines() if line.startswith("![")}
-        kept = [line for line in args.page.read_text().splitlines() if line not in shown]
-        args.page.write_text("\n".join([*kept, "", *filter(None, sections)]))  # plots once
+        write_performance_page(results, args.out, args.page, [s for s in sections if s])
     missed = [r.name for r in results if not r.met]
     print(f"[mx-sim bench] {len(results) - len(missed)}/{len(results)} goals met")
     return 0
@@ -149,4 +146,5 @@ def conformance_main(args: argparse.Namespace) -> int:
         keyword=args.keyword,
         tb=args.tb,
         junit=args.junit,
+        workers=args.workers,
     )

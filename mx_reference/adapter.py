@@ -186,10 +186,19 @@ class EngineAdapter(Protocol):
         ...
 
     def target_layout(
-        self, *, tp_size: int, tp_rank: int, pp_size: int, pp_rank: int, global_rank: int
+        self,
+        *,
+        tp_size: int,
+        tp_rank: int,
+        pp_size: int,
+        pp_rank: int,
+        global_rank: int,
+        ep_size: int = 1,
+        ep_rank: int = 0,
     ) -> Any:
         """This rank's refit target layout (a :class:`mx_reference.refit.TargetLayout`), as
-        the engine reports it: its TP position is ``tp_rank``, never derived from
+        the engine reports it: its TP position is ``tp_rank`` and its expert-parallel position
+        ``ep_rank`` of ``ep_size`` (which experts it holds), neither derived from
         ``global_rank`` (under pipeline parallelism, or with any rank offset, they differ)."""
         ...
 
@@ -216,9 +225,11 @@ class ShardedEngine(Protocol):
 
     ``local``: the tensors this rank holds, by the engine's own names (vLLM's fused
     ``qkv_proj``, ``gate_up_proj``...). ``layout``: for each, the
-    :class:`~mx_reference.refit.shards.SlicePart` s of full HF parameters it is made of,
-    concatenated along their dim (DTensor engines read it off their placements with
-    :func:`~mx_reference.refit.shards.dtensor_layout`). ``meta``: the full HF parameters as
+    :class:`~mx_reference.refit.shards.SlicePart` s of full HF parameters it is made of, and
+    :class:`~mx_reference.refit.shards.Padding` for rows of the engine's own (vLLM's padded
+    vocab), concatenated along their dim (DTensor engines read it off their placements with
+    :func:`~mx_reference.refit.shards.dtensor_layout`); refit writes every sliced row and no
+    padding row. ``meta``: the full HF parameters as
     meta tensors. ``model``: the module, for its HF config (and its DTensor parameters, if
     any: the suite cuts those with torch's ``distribute_tensor``). ``forward``: the engine's own
     forward, input ids ``(batch, seq)`` -> logits ``(batch, seq, vocab)`` over the full vocab

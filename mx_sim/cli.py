@@ -169,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     conformance.add_argument(
         "--junit", type=Path, default=None, help="also write JUnit XML (pytest's --junitxml)"
     )
+    conformance.add_argument(
+        "-n", dest="workers", default=None, help="checks in parallel: pytest-xdist's -n (N, auto)"
+    )
     return parser
 
 

@@ -81,7 +81,8 @@ class Pieced:
     """A local shard of ``shape`` not yet made, filled run by run: each ``(expert, dim, start,
     source)`` copies ``source`` into ``dest[expert].narrow(dim, start, len)`` (``dest`` itself
     when ``expert`` is ``None``). A tensor-parallel rank's q, for one, is a run of each query
-    group's rows of the pulled QKV; gate_up is a run of gate rows and one of up rows."""
+    group's rows of the pulled QKV; gate_up is a run of gate rows and one of up rows. Rows no
+    run covers (an engine's padding) are never written, and zero when materialized."""
 
     shape: torch.Size
     runs: tuple[tuple[int | None, int, int, torch.Tensor], ...]
@@ -98,7 +99,7 @@ class Pieced:
         return Pieced(self.shape, tuple((e, d, s, t.to(device)) for e, d, s, t in self.runs))
 
     def materialize(self) -> torch.Tensor:
-        out = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+        out = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
         self.copy_into(out)
         return out
 

@@ -6,7 +6,9 @@ A sharded engine (vLLM, SGLang, TensorRT-LLM, transformers' native TP) holds on 
 group into one tensor), row-parallel columns of o_proj/down_proj, vocab rows, replicated norms,
 KV heads repeated when TP exceeds them. Its layout is a :data:`LocalLayout`: for every local
 tensor, the :class:`SlicePart` s of full HF parameters it is made of, concatenated along their
-dim. :func:`dtensor_layout` reads it off DTensor placements; an engine without DTensors
+dim, and the :class:`Padding` rows the engine adds of its own (vLLM pads its vocab to a
+multiple of 64 before splitting it, so a rank's last vocab rows may be padding that refit never
+writes). :func:`dtensor_layout` reads it off DTensor placements; an engine without DTensors
 declares it (:mod:`mx_sim.conformance.adapters` shows vLLM's fused q|k|v).
 
 :class:`ShardTarget` turns a layout into the rows of each canonical Megatron tensor this rank
@@ -66,7 +68,17 @@ class SlicePart:
     stop: int
 
 
-LocalLayout = Mapping[str, Sequence[SlicePart]]  # local tensor name -> parts, in local order
+@dataclass(frozen=True)
+class Padding:
+    """``rows`` rows along ``dim`` of a local tensor that are no HF parameter's: the engine's
+    own padding (vLLM's vocab padding). Refit leaves them as they are."""
+
+    dim: int
+    rows: int
+
+
+LayoutPart = SlicePart | Padding
+LocalLayout = Mapping[str, Sequence[LayoutPart]]  # local tensor name -> parts, in local order
 
 
 def chunk_range(extent: int, size: int, rank: int) -> tuple[int, int]:
@@ -220,6 +232,14 @@ class ShardTarget(TargetLayout):
             at = 0
             for part in parts:
                 where = f"local tensor {local_name!r}: part {part}"
+                if isinstance(part, Padding):
+                    if part.dim != parts[0].dim or part.rows <= 0:
+                        raise ValueError(
+                            f"{where}: field 'dim': padding of {part.rows} rows along dim "
+                            f"{part.dim}, the parts are concatenated along dim {parts[0].dim}"
+                        )
+                    at += part.rows
+                    continue
                 if part.hf_name not in meta:
                     raise ValueError(f"{where}: field 'hf_name': no such HF parameter")
                 full = tuple(meta[part.hf_name].shape)
@@ -310,13 +330,16 @@ def _block_runs(
 
 def _check_local_shape(
     name: str,
-    parts: Sequence[SlicePart],
+    parts: Sequence[LayoutPart],
     rows: int,
     local_shape: tuple[int, ...],
     meta: Mapping[str, torch.Tensor],
 ) -> None:
-    full = list(meta[parts[0].hf_name].shape)
-    full[parts[0].dim] = rows
+    sliced = [p for p in parts if isinstance(p, SlicePart)]
+    if not sliced:
+        raise ValueError(f"local tensor {name!r}: field 'parts': padding only, no HF parameter")
+    full = list(meta[sliced[0].hf_name].shape)
+    full[sliced[0].dim] = rows
     if tuple(full) != tuple(local_shape):
         raise ValueError(
             f"local tensor {name!r}: field 'shape': the declared parts {list(parts)} make "

@@ -168,11 +168,19 @@ class ReferenceAdapter:
     # -- refit -----------------------------------------------------------------------------
 
     def target_layout(
-        self, *, tp_size: int, tp_rank: int, pp_size: int, pp_rank: int, global_rank: int
+        self,
+        *,
+        tp_size: int,
+        tp_rank: int,
+        pp_size: int,
+        pp_rank: int,
+        global_rank: int,
+        ep_size: int = 1,
+        ep_rank: int = 0,
     ) -> TargetLayout:
-        """This rank's TP position as the engine reports it; under PP, ``tp_rank`` and
-        ``global_rank`` differ and only ``tp_rank`` places the slice."""
-        return TargetLayout(tp_size=tp_size, tp_rank=tp_rank)
+        """This rank's TP and EP position as the engine reports it; under PP, ``tp_rank`` and
+        ``global_rank`` differ and only ``tp_rank`` (and ``ep_rank``) place the slice."""
+        return TargetLayout(tp_size=tp_size, tp_rank=tp_rank, ep_size=ep_size, ep_rank=ep_rank)
 
     def make_receiver(self, model: torch.nn.Module, **kwargs: Any) -> RefitReceiver:
         """A :attr:`receiver_class` for ``model``; ``kwargs`` are its keyword arguments."""

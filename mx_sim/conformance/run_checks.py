@@ -8,6 +8,7 @@ outcome.
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -32,15 +33,18 @@ def suite_args(
     keyword: str | None = None,
     tb: str | None = None,
     junit: Path | None = None,
+    workers: str | None = None,
 ) -> list[str]:
     """pytest arguments for the plugin's options and pytest's own (``-k``, ``--tb``,
-    ``--junitxml``); the plugin itself is loaded by its entry point name."""
+    ``--junitxml``, pytest-xdist's ``-n``); the plugin itself is loaded by its entry point
+    name."""
     args = ["-p", "mx_conformance"]
     args += [f"--mx-report={report}"] if report else []
     args += [f"--mx-xfails={xfails}"] if xfails else []
     args += ["-k", keyword] if keyword else []
     args += [f"--tb={tb}"] if tb else []
     args += [f"--junitxml={junit}"] if junit else []
+    args += ["-n", workers] if workers else []
     return args
 
 
@@ -52,13 +56,17 @@ def run_conformance(
     keyword: str | None = None,
     tb: str | None = None,
     junit: Path | None = None,
+    workers: str | None = None,
 ) -> int:
     """``mx-sim conformance``: ``pytest --mx-adapter=spec`` with the options mapped onto
     pytest's. Returns 0 when every selected check passed, 1 when one failed; ``ValueError``
     (one line, exit code 2) for anything that is not a check, before the first one runs."""
+    if workers and importlib.util.find_spec("xdist") is None:
+        raise ValueError(f"-n {workers} needs pytest-xdist (pip install 'mx-harness[test]')")
     outputs = [(p, o) for p, o in ((report, "--report"), (junit, "--junit")) if p]
     prepare_run(spec, xfails=xfails, outputs=outputs)
-    args = suite_args(report=report, xfails=xfails, keyword=keyword, tb=tb, junit=junit)
+    options = {"keyword": keyword, "tb": tb, "junit": junit, "workers": workers}
+    args = suite_args(report=report, xfails=xfails, **options)
     code = pytest.main([f"--mx-adapter={spec}", "-p", "no:cacheprovider", *args])
     if code == pytest.ExitCode.NO_TESTS_COLLECTED:
         raise ValueError(f"-k {keyword!r} selects no conformance check")

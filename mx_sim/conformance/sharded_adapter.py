@@ -8,7 +8,8 @@ Each rank of :class:`VllmShapedAdapter` holds what a vLLM TP rank holds, as plai
 ``qkv_proj`` fusing this rank's q heads with its k and v heads (one KV head repeated over
 ``T / G`` ranks when TP exceeds the KV heads: rank r holds head ``r // (T / G)``),
 ``gate_up_proj`` fusing its gate and up rows, o_proj and down_proj columns, vocab rows of the
-embedding and lm_head (``torch.chunk`` split), whole norms. It has no DTensors, so it declares
+embedding and lm_head (the vocab padded to a multiple of 64, then split evenly, as vLLM's
+``VocabParallelEmbedding`` does: the last ranks' rows end in :class:`Padding`), whole norms. It has no DTensors, so it declares
 that layout (:func:`vllm_layout`), the way an adapter over vLLM's ``ColumnParallelLinear``,
 ``QKVParallelLinear``, ``MergedColumnParallelLinear``, ``RowParallelLinear`` and
 ``VocabParallelEmbedding`` would; its loader is
@@ -29,11 +30,18 @@ import torch
 from mx_reference import adapter as caps
 from mx_reference.refit.apply import model_parameters
 from mx_reference.refit.layouts import hf_meta
-from mx_reference.refit.shards import ShardedRefitReceiver, SlicePart, chunk_range
+from mx_reference.refit.shards import (
+    LayoutPart,
+    Padding,
+    ShardedRefitReceiver,
+    SlicePart,
+    chunk_range,
+)
 from mx_sim.conformance.adapters import ReferenceAdapter
 from mx_sim.cpu_mock import CpuMockBackend
 
 PROJ = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "o_proj", "down_proj")
+VLLM_VOCAB_PADDING = 64  # vLLM's DEFAULT_VOCAB_PADDING_SIZE
 
 
 @dataclass
@@ -42,7 +50,7 @@ class ShardedModel:
 
     model: torch.nn.Module  # the full model on the meta device: config and HF names only
     local: dict[str, torch.Tensor]
-    layout: dict[str, tuple[SlicePart, ...]]
+    layout: dict[str, tuple[LayoutPart, ...]]
     meta: dict[str, torch.Tensor]
     tp_size: int
     tp_rank: int
@@ -57,13 +65,25 @@ def kv_heads(num_kv_heads: int, tp_size: int, tp_rank: int) -> tuple[int, int]:
     return head, head + 1
 
 
+def padded_vocab_parts(vocab: int, name: str, tp_size: int, tp_rank: int) -> tuple[LayoutPart, ...]:
+    """A rank's vocab rows as vLLM holds them: the vocab padded to a multiple of
+    :data:`VLLM_VOCAB_PADDING`, ``padded / tp_size`` rows a rank, the rows past the real
+    vocab padding (at vocab 300, TP 2: rows [0, 160), then [160, 300) and 20 padding rows)."""
+    padded = -(-vocab // VLLM_VOCAB_PADDING) * VLLM_VOCAB_PADDING
+    per_rank = -(-padded // tp_size)
+    lo = min(tp_rank * per_rank, vocab)
+    hi = min(lo + per_rank, vocab)
+    real = (SlicePart(name, 0, lo, hi),) if hi > lo else ()
+    return real + ((Padding(0, per_rank - (hi - lo)),) if hi - lo < per_rank else ())
+
+
 def vllm_layout(
     meta: Mapping[str, torch.Tensor], config: Any, tp_size: int, tp_rank: int
-) -> dict[str, tuple[SlicePart, ...]]:
+) -> dict[str, tuple[LayoutPart, ...]]:
     """vLLM's per-rank layout of an HF Llama-style model, as declared slices."""
     heads, groups = config.num_attention_heads, config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    layout: dict[str, tuple[SlicePart, ...]] = {}
+    layout: dict[str, tuple[LayoutPart, ...]] = {}
     for name, t in meta.items():
         prefix, _, leaf = name.rpartition(".")
         module = prefix.rpartition(".")[2]
@@ -87,22 +107,30 @@ def vllm_layout(
         elif module in ("o_proj", "down_proj") and leaf == "weight":
             layout[name] = (SlicePart(name, 1, *chunk_range(t.shape[1], tp_size, tp_rank)),)
         elif module in ("embed_tokens", "lm_head"):
-            layout[name] = (SlicePart(name, 0, *chunk_range(rows, tp_size, tp_rank)),)
+            layout[name] = padded_vocab_parts(rows, name, tp_size, tp_rank)
         elif module not in PROJ:
             layout[name] = (SlicePart(name, 0, 0, rows),)  # norms: whole
     return layout
 
 
-def cut(full: Mapping[str, torch.Tensor], parts: Sequence[SlicePart]) -> torch.Tensor:
-    """A local tensor of a declared layout, cut from full HF tensors (the suite's own cut)."""
-    return torch.cat(
-        [full[p.hf_name].narrow(p.dim, p.start, p.stop - p.start) for p in parts], parts[0].dim
-    )
+def cut(full: Mapping[str, torch.Tensor], parts: Sequence[LayoutPart]) -> torch.Tensor:
+    """A local tensor of a declared layout, cut from full HF tensors (the suite's own cut);
+    padding rows are zero, as vLLM keeps them."""
+    template = next(full[p.hf_name] for p in parts if isinstance(p, SlicePart))
+    blocks = []
+    for p in parts:
+        if isinstance(p, SlicePart):
+            blocks.append(full[p.hf_name].narrow(p.dim, p.start, p.stop - p.start))
+        else:
+            shape = list(template.shape)
+            shape[p.dim] = p.rows
+            blocks.append(template.new_zeros(shape))
+    return torch.cat(blocks, parts[0].dim)
 
 
 def expected_shards(
     model: torch.nn.Module,
-    layout: Mapping[str, Sequence[SlicePart]],
+    layout: Mapping[str, Sequence[LayoutPart]],
     full: Mapping[str, torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """Each local tensor of a rank as the suite cuts it from a version's full HF weights:
@@ -134,7 +162,7 @@ class ShardedReferenceAdapter(ReferenceAdapter):
     def capabilities(self) -> frozenset[str]:
         return caps.CAPABILITIES
 
-    def loader_layout(self, engine: ShardedModel) -> dict[str, tuple[SlicePart, ...]]:
+    def loader_layout(self, engine: ShardedModel) -> dict[str, tuple[LayoutPart, ...]]:
         """The layout the loader writes by: the engine's own."""
         return engine.layout
 

@@ -17,7 +17,7 @@ import dataclasses
 import functools
 import uuid
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -210,8 +210,15 @@ class Replica:
         self.groups = self.map(lambda r: gloo_group(store, name, members, r, timeout_s))
 
     def map(self, fn: Callable[[int], T]) -> list[T]:
-        """``fn(rank)`` on every rank concurrently; the first rank's exception is raised."""
+        """``fn(rank)`` on every rank concurrently. Once every rank is done, the exception of
+        the rank that failed first is raised: the others' are usually its consequence (a
+        collective or a version waiting for it)."""
         futures = [self._pool.submit(fn, r) for r in range(self.size)]
+        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+        first = next((f for f in done if f.exception() is not None), None)
+        wait(futures)
+        if first is not None:
+            first.result()  # raises its exception
         return [f.result() for f in futures]
 
     def close(self) -> None:

@@ -11,6 +11,7 @@ the receiver applied with the trainer's model at that version
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from dataclasses import asdict
@@ -167,36 +168,63 @@ def mixed_tp_wider(adapter) -> None:
                     )
 
 
+def _check_positions(
+    adapter, kind: str, orders: dict[str, Any], *, tp: int, pp: int = 1, ep: int = 1
+) -> None:
+    """For each rank order (``(pp_rank, ep_rank, tp_rank) -> global rank``) and each position
+    of an inference TP ``tp`` x PP ``pp`` x EP ``ep`` layout, the layout the adapter reports
+    plans and assembles exactly what a Megatron rank at that TP and EP position holds of its
+    PP stage (a trainer at TP1 EP1 publishes, experts grouped as with grouped GEMM)."""
+    weights = VersionWeights(kind, LLAMA)
+    state, cfg = weights.params(1), weights.model_config
+    published = megatron_shards_from_hf(state, cfg, tp_size=1, tp_rank=0, expert_layout="grouped")
+    manifests = [make_manifest(MODEL_ID, 1, [d for d, _ in published])]
+    shards = {0: {d.name: t for d, t in published}}
+    for order, global_rank in orders.items():
+        for p, e, t in itertools.product(range(pp), range(ep), range(tp)):
+            g = global_rank(p, e, t)
+            # the EP keywords only where EP is checked: an engine without experts may omit them
+            expert = {"ep_size": ep, "ep_rank": e} if ep > 1 else {}
+            layout = adapter.target_layout(
+                tp_size=tp, tp_rank=t, pp_size=pp, pp_rank=p, global_rank=g, **expert
+            )
+            got = assemble(plan_refit(manifests, layout).require_complete(), shards)
+            want = megatron_shards_from_hf(
+                state, cfg, tp_size=tp, tp_rank=t, ep_size=ep, ep_rank=e, expert_layout="grouped"
+            )
+            for d, shard in want:
+                if pp_stage(d.name, cfg.num_layers, pp) != p:
+                    continue
+                if not torch.equal(got[d.name], shard):
+                    raise AssertionError(
+                        f"{order}: rank tp={t} pp={p} ep={e} (global {g}): {d.name}: the "
+                        f"layout places another rank's slice (layout reports {layout})"
+                    )
+
+
 @check("refit.pp_target_layout", requires=(caps.PIPELINE_PARALLEL,))
 def pp_target_layout(adapter) -> None:
     """Inference TP2 x PP2: the reported layout places each rank's own TP slice, whatever its
     global rank (TP-fastest after a controller rank, or PP-fastest)."""
     tp, pp = 2, 2
-    weights = VersionWeights("llama", LLAMA)
-    state, cfg = weights.params(1), weights.model_config
-    published = megatron_shards_from_hf(state, cfg, tp_size=1, tp_rank=0)
-    manifests = [make_manifest(MODEL_ID, 1, [d for d, _ in published])]
-    shards = {0: {d.name: t for d, t in published}}
     orders = {
-        "TP-fastest after one controller rank": lambda p, t: 1 + p * tp + t,
-        "PP-fastest": lambda p, t: t * pp + p,
+        "TP-fastest after one controller rank": lambda p, e, t: 1 + p * tp + t,
+        "PP-fastest": lambda p, e, t: t * pp + p,
     }
-    for order, global_rank in orders.items():
-        for p in range(pp):
-            for t in range(tp):
-                g = global_rank(p, t)
-                layout = adapter.target_layout(
-                    tp_size=tp, tp_rank=t, pp_size=pp, pp_rank=p, global_rank=g
-                )
-                got = assemble(plan_refit(manifests, layout).require_complete(), shards)
-                for d, shard in megatron_shards_from_hf(state, cfg, tp_size=tp, tp_rank=t):
-                    if pp_stage(d.name, cfg.num_layers, pp) != p:
-                        continue
-                    if not torch.equal(got[d.name], shard):
-                        raise AssertionError(
-                            f"{order}: rank tp={t} pp={p} (global {g}): {d.name}: the layout "
-                            f"places another rank's slice (layout reports {layout})"
-                        )
+    _check_positions(adapter, "llama", orders, tp=tp, pp=pp)
+
+
+@check("refit.ep_target_layout", requires=(caps.MOE,))
+def ep_target_layout(adapter) -> None:
+    """Inference TP2 x EP2 over grouped experts: the reported layout places each rank's own
+    experts and TP slice, whatever its global rank (TP-fastest after a controller rank, or
+    EP-fastest)."""
+    tp, ep = 2, 2
+    orders = {
+        "TP-fastest after one controller rank": lambda p, e, t: 1 + e * tp + t,
+        "EP-fastest": lambda p, e, t: t * ep + e,
+    }
+    _check_positions(adapter, "mixtral", orders, tp=tp, ep=ep)
 
 
 @check("refit.tied_embeddings", requires=(caps.TIED_EMBEDDINGS,))

@@ -24,6 +24,7 @@ import torch
 from mx_reference import adapter as caps
 from mx_reference.refit.planner import TargetLayout
 from mx_reference.refit.registry import VersionRegistry
+from mx_reference.refit.shards import Padding
 from mx_sim.conformance.catalog import check, declared_families
 from mx_sim.conformance.sharded_adapter import expected_shards
 from mx_sim.fixtures import TinyModelSpec, VersionWeights, fixed_prompt
@@ -97,7 +98,7 @@ def _refit_rank(
     try:
         addresses = {n: t.data_ptr() for n, t in engine.local.items()}
         previous = copies(engine.local)
-        held = sum(t.numel() * t.element_size() for t in engine.local.values())
+        held = _sliced_bytes(engine)
         for v in (1, 2):
             who = f"v{v} TP rank {rank}/{tp}: "
             timing = receiver.refit(v)
@@ -127,6 +128,16 @@ def _refit_rank(
     finally:
         receiver.close()
         agent.close()
+
+
+def _sliced_bytes(engine: Any) -> int:
+    """Bytes of the rank's local tensors that HF parameters fill: its padding rows excluded."""
+    total = 0
+    for name, parts in engine.layout.items():
+        t = engine.local[name]
+        rows = sum(p.stop - p.start for p in parts if not isinstance(p, Padding))
+        total += t.numel() // t.shape[parts[0].dim] * rows * t.element_size()
+    return total
 
 
 def _check_logits(who: str, engine: Any, weights: VersionWeights, v: int, spec) -> None:
@@ -180,11 +191,12 @@ def sharded_repeated_kv(adapter) -> None:
 
 @check("refit.sharded_vocab_and_tie", requires=(caps.SHARDED, caps.TIED_EMBEDDINGS))
 def sharded_vocab_and_tie(adapter) -> None:
-    """A vocab of 200 split by ``torch.chunk`` (100 rows a rank; Megatron pads it to 256),
-    with untied and with tied embeddings: every rank's vocab rows and lm_head are the new
-    version's."""
-    _replica_refit(adapter, 2, 2, TinyModelSpec(vocab_size=200))
-    _replica_refit(adapter, 2, 2, TinyModelSpec(vocab_size=200, tie_word_embeddings=True))
+    """A vocab of 300 as the engine splits it (``torch.chunk``: 150 rows a rank; vLLM pads it
+    to 320: 160 a rank, the last 20 padding; Megatron pads it to 512), with untied and with
+    tied embeddings: every rank's vocab rows and lm_head are the new version's, its padding
+    rows untouched."""
+    _replica_refit(adapter, 2, 2, TinyModelSpec(vocab_size=300))
+    _replica_refit(adapter, 2, 2, TinyModelSpec(vocab_size=300, tie_word_embeddings=True))
 
 
 @check("refit.sharded_families", requires=(caps.SHARDED, caps.MIXED_TP))

@@ -11,9 +11,9 @@ from hypothesis import strategies as st
 from mx_reference.refit.layouts import hf_meta, megatron_shards_from_hf, qkv_segments
 from mx_reference.refit.name_maps import RefitModelConfig
 from mx_reference.refit.planner import Piece, TargetLayout, piece_spans
-from mx_reference.refit.shards import ShardTarget, SlicePart, chunk_range
+from mx_reference.refit.shards import Padding, ShardTarget, SlicePart, chunk_range
 from mx_reference.refit.wire import CHECKSUM_MASK, box_checksum, shard_checksum
-from mx_sim.conformance.sharded_adapter import vllm_layout
+from mx_sim.conformance.sharded_adapter import cut, vllm_layout
 from mx_sim.fixtures import TinyModelSpec, build_tiny_model
 
 
@@ -69,11 +69,7 @@ def _target(kind: str, spec: TinyModelSpec, tp: int, rank: int) -> tuple[ShardTa
     meta = hf_meta(model)
     params = dict(model.named_parameters())
     layout = vllm_layout({n: meta[n] for n in params}, model.config, tp, rank)
-    shapes = {}
-    for name, parts in layout.items():
-        shape = list(meta[parts[0].hf_name].shape)
-        shape[parts[0].dim] = sum(p.stop - p.start for p in parts)
-        shapes[name] = tuple(shape)
+    shapes = {name: tuple(cut(params, parts).shape) for name, parts in layout.items()}
     cfg = RefitModelConfig.from_hf(model.config)
     target = ShardTarget.build(
         layout, shapes, meta, cfg, position=TargetLayout(tp_size=tp, tp_rank=rank)
@@ -108,6 +104,16 @@ def test_a_vllm_rank_wants_megatrons_own_qkv_and_fc1_slices(tp, groups):
         assert axis == 1 and list(proj) == [chunk_range(64, tp, rank)]
 
 
+def test_padding_rows_are_wanted_from_no_source_and_written_by_no_run():
+    spec = TinyModelSpec(vocab_size=300)  # vLLM pads it to 320: 160 rows a rank at TP 2
+    target, layout = _target("llama", spec, 2, 1)
+    embed = "model.embed_tokens.weight"
+    assert layout[embed] == (SlicePart(embed, 0, 160, 300), Padding(0, 20))
+    assert target.by_name["embedding.word_embeddings.weight"] == (0, ((160, 300),))
+    written = [(r.start, r.start + r.length) for r in target.runs if r.local == embed]
+    assert _joined(written) == [(0, 140)]  # local rows 140..160 are padding
+
+
 def test_a_stacked_expert_parameter_is_cut_expert_by_expert():
     model = build_tiny_model("mixtral", TinyModelSpec())
     meta, cfg = hf_meta(model), RefitModelConfig.from_hf(model.config)
@@ -134,10 +140,14 @@ def test_bad_layouts_name_the_tensor_and_field():
         "shape": ({o: (SlicePart(o, 1, 0, 32),)}, {o: (64, 31)}),
         "hf_name": ({"x": (SlicePart("model.nope", 0, 0, 1),)}, {"x": (1,)}),
         "stop": ({o: (SlicePart(o, 1, 0, 65),)}, {o: (64, 65)}),
+        "parts": ({o: (Padding(0, 64),)}, {o: (64, 64)}),
     }
     for field, (layout, shapes) in cases.items():
         with pytest.raises(ValueError, match=f"field '{field}'"):
             ShardTarget.build(layout, shapes, meta, cfg, position=TargetLayout())
+    across = {o: (SlicePart(o, 1, 0, 64), Padding(0, 8))}  # padding along another dim
+    with pytest.raises(ValueError, match=rf"'{o}'.*field 'dim'"):
+        ShardTarget.build(across, {o: (64, 72)}, meta, cfg, position=TargetLayout())
 
 
 def test_a_whole_parameter_may_be_declared_along_any_dim():

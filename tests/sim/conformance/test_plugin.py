@@ -210,20 +210,30 @@ def test_in_process_run_checks_goes_through_pytest(tmp_path):
 @pytest.mark.timeout(240)
 def test_the_json_report_is_whole_under_xdist(tmp_path):
     """``-n 2``: the checks run in workers, the report is written once, by the controller, with
-    every check's outcome (it used to say ``"ok": true`` with no checks while one failed)."""
+    every check's outcome (it used to say ``"ok": true`` with no checks while one failed);
+    ``mx-sim conformance -n 2`` writes the same report."""
     import os
     import subprocess
     from pathlib import Path
 
-    report = tmp_path / "r.json"
+    report, by_cli = tmp_path / "r.json", tmp_path / "cli.json"
     tests_dir = str(Path(__file__).parents[2])
-    cmd = [sys.executable, "-m", "pytest", "-n", "2", "-p", "no:cacheprovider", "-q",
-           f"--mx-adapter={ABORT_MUTANT}", f"--mx-report={report}", "-k", "abort_request_ids or codec_round_trip or malformed_frames"]  # fmt: skip
+    keyword = "abort_request_ids or codec_round_trip or malformed_frames"
     env = dict(os.environ, PYTHONPATH=tests_dir)
-    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=200)
-    assert done.returncode == 1, done.stdout[-2000:]
-    assert done.stdout.count("mx-harness conformance, per feature") == 1, done.stdout[-2000:]
+    commands = {
+        report: [sys.executable, "-m", "pytest", "-n", "2", "-p", "no:cacheprovider", "-q",
+                 f"--mx-adapter={ABORT_MUTANT}", f"--mx-report={report}", "-k", keyword],
+        by_cli: [sys.executable, "-m", "mx_sim.cli", "conformance", "-n", "2",
+                 "--adapter", ABORT_MUTANT, "--report", str(by_cli), "-k", keyword],
+    }  # fmt: skip
+    for cmd in commands.values():
+        done = subprocess.run(
+            cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=100
+        )
+        assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-2000:]
+        assert done.stdout.count("mx-harness conformance, per feature") == 1, done.stdout[-2000:]
     data = json.loads(report.read_text())
+    assert comparable(json.loads(by_cli.read_text())) == comparable(data)
     statuses = {c["id"]: c["status"] for c in data["checks"]}
     assert data["ok"] is False and len(statuses) == 3, statuses
     assert "failed" in statuses.values() and "passed" in statuses.values()

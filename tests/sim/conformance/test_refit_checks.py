@@ -20,6 +20,7 @@ MUTANTS = {
     "refit_last_rank_full_axis": "refit.mixed_tp_wider",
     "refit_warm_stale_scratch": "refit.warm_cycle_scratch",
     "refit_global_rank_as_tp_rank": "refit.pp_target_layout",
+    "refit_ep_rank_from_global_rank": "refit.ep_target_layout",
     "refit_gated_mlp_half_split": "refit.mixed_tp_wider",
     "refit_qkv_concat": "refit.same_layout_bit_exact",
     "refit_tie_lost": "refit.tied_embeddings",

@@ -6,10 +6,19 @@ Dynamo PR #10901 before caching), and publishes a :class:`SourceManifest` per ve
 across versions whose layout is unchanged, so steady-state publishing registers nothing. A
 version's arena stays untouched until that version is retired: receivers may still be reading it.
 
+A publisher may also publish *in place* (``publish(..., in_place=True)``): the shards are
+contiguous views of one storage the trainer keeps (Megatron's contiguous parameter buffer),
+registered once and read where they lie, with no copy and no second copy of the model's memory.
+The trainer keeps them unwritten until the receivers are done: :meth:`RefitPublisher.begin_write`
+waits for them (the registry's release count) and bumps a write counter registered beside the
+storage; a receiver reads that counter after its pull, and one that moved fails its cycle
+closed, the model untouched.
+
 Receivers need more than the transport's opaque metadata to address shards: a manifest's
 ``agent_metadata`` carries a :class:`~mx_reference.refit.wire.Endpoint` (transport metadata,
-the arena's base address and device, and a source id unique to this publisher incarnation), and
-each descriptor's ``offset`` is relative to that base.
+the arena's base address and device, and a source id unique to this publisher incarnation, and
+for in-place publishing the write counter's address and value), and each descriptor's
+``offset`` is relative to that base.
 """
 
 from __future__ import annotations
@@ -52,6 +61,18 @@ class _Arena:
     registration: Registration
     layout: str
     offsets: dict[str, int]
+    version: int | None = None
+
+
+@dataclass(eq=False)
+class _Home:
+    """The trainer's own storage, published in place: registered once, with its write
+    counter (``(1,)`` int64) in the same registration."""
+
+    base: int
+    nbytes: int
+    registration: Registration
+    counter: torch.Tensor
     version: int | None = None
 
 
@@ -98,29 +119,47 @@ class RefitPublisher:
         self.source_id = source_id or f"{config.source_kind}-{uuid.uuid4().hex[:12]}"
         self.stats = PublisherStats()
         self._arenas: list[_Arena] = []
+        self._home: _Home | None = None
 
     def live_versions(self) -> list[int]:
-        return sorted(a.version for a in self._arenas if a.version is not None)
+        return sorted(h.version for h in self._holders() if h.version is not None)
 
     def publish(
-        self, version: int, shards: Sequence[tuple[ShardDescriptor, torch.Tensor]]
+        self,
+        version: int,
+        shards: Sequence[tuple[ShardDescriptor, torch.Tensor]],
+        *,
+        in_place: bool = False,
     ) -> SourceManifest:
-        """Copy ``shards`` into an arena, register it if new, and publish version ``version``."""
+        """Publish version ``version`` of ``shards``.
+
+        By default (a snapshot) the shards are copied into an arena registered once per
+        layout, which stays as published until :meth:`retire`: the trainer may step on
+        meanwhile. With ``in_place`` they are published where they lie: contiguous views of
+        one storage, registered once (again only when the storage changes), nothing copied;
+        call :meth:`begin_write` before writing them again."""
         if not shards:
             raise ValueError(f"publish v{version}: no shards")
         if version in self.live_versions():
             raise ValueError(f"publish v{version}: already published and not retired")
         for d, t in shards:
             self._check_shard(d, t)
-        descs = [d for d, _ in shards]
-        arena = self._arena_for(descs)
-        arena.version = version  # claimed before the copy: a failure below retires it again
+        holder: _Arena | _Home
+        if in_place:
+            holder = home = self._home_of(shards)
+            offsets = {d.name: t.data_ptr() - home.base for d, t in shards}
+            regions, counter = home.registration.regions, home.counter
+        else:
+            holder = arena = self._arena_for([d for d, _ in shards])
+            offsets, regions, counter = arena.offsets, arena.registration.regions, None
+        holder.version = version  # claimed before the copy: a failure below retires it again
         try:
             finished = []
             for d, t in shards:
-                offset = arena.offsets[d.name]
-                dest = arena.buffer[offset : offset + d.nbytes]
-                dest.copy_(t.detach().contiguous().reshape(-1).view(torch.uint8))
+                offset = offsets[d.name]
+                if not in_place:
+                    dest = arena.buffer[offset : offset + d.nbytes]
+                    dest.copy_(t.detach().contiguous().reshape(-1).view(torch.uint8))
                 finished.append(
                     msgspec.structs.replace(
                         d, offset=offset, digest=shard_digest(t), checksum=shard_checksum(d, t)
@@ -128,9 +167,11 @@ class RefitPublisher:
                 )
             endpoint = Endpoint(
                 transport_metadata=self.transport.metadata(),
-                base_addr=arena.registration.regions[0].addr,
-                device_id=arena.registration.regions[0].device_id,
+                base_addr=regions[0].addr,
+                device_id=regions[0].device_id,
                 source_id=self.source_id,
+                counter_addr=regions[1].addr if counter is not None else 0,
+                counter=int(counter.item()) if counter is not None else 0,
             )
             manifest = make_manifest(
                 self.config.model_id,
@@ -145,24 +186,46 @@ class RefitPublisher:
             )
             self.registry.publish(manifest)
         except BaseException:
-            arena.version = None
+            holder.version = None
             raise
         self.stats.versions_published += 1
         return manifest
 
+    def begin_write(self, *, readers: int = 0, timeout_s: float | None = None) -> None:
+        """The trainer is about to write the storage it published in place: wait until
+        ``readers`` receivers released the live version (the hold; ``TimeoutError`` past
+        ``timeout_s``, default the registry's), then bump the write counter, so a receiver
+        still reading fails closed instead of applying torn bytes. The version is no longer
+        live. Nothing to do after snapshot publishing."""
+        home = self._home
+        if home is None or home.version is None:
+            return
+        if readers:
+            self.registry.wait_released(self.config.model_id, home.version, readers, timeout_s)
+        home.counter.add_(1)
+        self.backend.synchronize()  # the bump lands before any write the trainer queues next
+        home.version = None
+
     def retire(self, version: int) -> None:
         """Free ``version``'s arena for reuse; receivers must be done reading it."""
-        for arena in self._arenas:
-            if arena.version == version:
-                arena.version = None
+        for holder in self._holders():
+            if holder.version == version:
+                holder.version = None
                 return
         raise ValueError(f"retire v{version}: not a live version (live: {self.live_versions()})")
 
     def close(self) -> None:
-        """Deregister every arena."""
+        """Deregister every arena, and the in-place storage."""
         for arena in self._arenas:
             self.transport.deregister(arena.registration)
         self._arenas.clear()
+        if self._home is not None:
+            self.transport.deregister(self._home.registration)
+            self._home = None
+
+    def _holders(self) -> list[_Arena | _Home]:
+        """Whatever holds a version: the snapshot arenas, and the in-place storage."""
+        return [*self._arenas, *([self._home] if self._home else [])]
 
     def _check_shard(self, d: ShardDescriptor, t: torch.Tensor) -> None:
         if not isinstance(t, torch.Tensor):
@@ -175,6 +238,37 @@ class RefitPublisher:
             raise ValueError(f"{d.name}: shard dtype {t.dtype} != descriptor dtype {d.dtype}")
         if not self.backend.is_accel_tensor(t):
             raise ValueError(f"{d.name}: shard on {t.device} is not a {self.backend.name} tensor")
+
+    def _home_of(self, shards: Sequence[tuple[ShardDescriptor, torch.Tensor]]) -> _Home:
+        """The registration of the storage every shard is a contiguous view of."""
+        storage = shards[0][1].untyped_storage()
+        base, nbytes = storage.data_ptr(), storage.nbytes()
+        for d, t in shards:
+            if t.untyped_storage().data_ptr() != base or not t.is_contiguous():
+                raise ValueError(
+                    f"{d.name}: field 'in_place': not a contiguous view of the storage of "
+                    f"{shards[0][0].name}; in-place publishing reads one registered storage"
+                )
+        home = self._home
+        if home is not None and home.version is not None:
+            raise ValueError(
+                f"publish in place: v{home.version} is still live in the trainer's storage; "
+                "call begin_write() before writing it again"
+            )
+        if home is not None and (home.base, home.nbytes) == (base, nbytes):
+            return home
+        if home is not None:
+            self.transport.deregister(home.registration)
+        whole = torch.empty(0, dtype=torch.uint8, device=storage.device)
+        whole.set_(storage)  # (nbytes,) uint8 over the whole storage
+        counter = torch.zeros(1, dtype=torch.int64, device=storage.device)
+        registration = self.transport.register([whole, counter])
+        self.stats.registrations += 1
+        self.stats.bytes_registered += nbytes
+        # a transport may move the storage as it registers it (the simulator's moves it into
+        # shared memory; every view follows): its address is the registered one
+        self._home = _Home(registration.regions[0].addr, nbytes, registration, counter)
+        return self._home
 
     def _arena_for(self, descs: Sequence[ShardDescriptor]) -> _Arena:
         layout = layout_signature(descs, tp=self.tp, pp=self.pp, ep=self.ep)

@@ -9,7 +9,8 @@ A cycle (:meth:`RefitReceiver.refit`, or :meth:`~RefitReceiver.stage` then
 3. **allocate** destination and scratch arenas, cached by the plan's layout, so a warm cycle
    allocates and registers nothing;
 4. **pull**: one READ per source with every descriptor pair (coalesced); strided pieces
-   (row-parallel, axis 1) read the whole source shard into scratch;
+   (row-parallel, axis 1) read the whole source shard into scratch; then, from a source that
+   publishes in place, its write counter: moved since the manifest, the cycle fails closed;
 5. **assemble**: copy scratch pieces into place;
 6. **gather + merge + translate**: all-gather the replica's slices, merge each tensor's shards
    into its canonical Megatron form and translate to HF names and layouts, as views
@@ -161,6 +162,7 @@ class Buffers:
 
     dest: Arena | None
     scratch: Arena | None
+    counters: Arena | None = None  # by source rank: the write counters of in-place sources
 
 
 class BufferCache:
@@ -288,6 +290,7 @@ class RefitReceiver:
         start = time.perf_counter()
         with self._arenas_released_on_failure():
             failure: Exception | None = None
+            manifests: Sequence[SourceManifest] = ()
             try:
                 with _phase(timing, "discover"):
                     manifests = self._sources(version)
@@ -301,6 +304,7 @@ class RefitReceiver:
                     local = self.assemble(plan, buffers)
             except Exception as exc:  # reported to the replica through the vote, then re-raised
                 failure = exc
+            self._release(version, manifests)  # reading is over, pulled or not
             self._vote(version, failure)
             with _phase(timing, "translate"):
                 canonical = self._gather(plan, local)
@@ -348,9 +352,15 @@ class RefitReceiver:
             },
             key=lambda e: e[0],
         )
+        in_place = [
+            (m.rank, (1,), torch.int64)
+            for m in manifests
+            if decode_endpoint(m.agent_metadata).counter_addr
+        ]
         return Buffers(
             self.buffers.get(("dest", tuple(dest)), dest, timing) if dest else None,
             self.buffers.get(("scratch", tuple(scratch)), scratch, timing) if scratch else None,
+            self.buffers.get(("counters", tuple(in_place)), in_place, timing) if in_place else None,
         )
 
     def pull(self, plan: RefitPlan, manifests: Sequence[SourceManifest], buffers: Buffers) -> int:
@@ -380,18 +390,10 @@ class RefitReceiver:
                     nbytes = src.shards[name].nbytes
                     local = MemDesc(buffers.scratch.views[(p.src_rank, name)].data_ptr(), nbytes)
                     pairs.setdefault(p.src_rank, []).append((local, src.remote(name, 0, nbytes)))
-        handles = []
-        try:
-            for rank in sorted(pairs):
-                handles.append(self.transport.make_read(coalesce(pairs[rank])))
-            for h in handles:
-                self.transport.post(h)
-            for h in handles:
-                self.transport.wait(h, self.config.timeout_s)
-            return sum(h.nbytes for h in handles)
-        finally:
-            for h in handles:
-                self.transport.release(h, cancel=True)
+        nbytes = self._read(pairs)
+        if buffers.counters is not None:
+            self._check_write_counters(sources, buffers.counters)
+        return nbytes
 
     def assemble(self, plan: RefitPlan, buffers: Buffers) -> dict[str, torch.Tensor]:
         """Copy strided pieces out of scratch; return this rank's destination tensors."""
@@ -465,6 +467,47 @@ class RefitReceiver:
         apply_in_place(self.params, tensors)
 
     # -- private steps ---------------------------------------------------------------------
+
+    def _read(self, pairs: Mapping[int, list[tuple[MemDesc, RemoteDesc]]]) -> int:
+        """One READ per source rank of ``pairs``, all posted, then all waited for; the bytes."""
+        handles = []
+        try:
+            for rank in sorted(pairs):
+                handles.append(self.transport.make_read(coalesce(pairs[rank])))
+            for h in handles:
+                self.transport.post(h)
+            for h in handles:
+                self.transport.wait(h, self.config.timeout_s)
+            return sum(h.nbytes for h in handles)
+        finally:
+            for h in handles:
+                self.transport.release(h, cancel=True)
+
+    def _release(self, version: int, manifests: Sequence[SourceManifest]) -> None:
+        """Tell publishers that publish in place this rank is done reading ``version``: their
+        :meth:`~mx_reference.refit.publisher.RefitPublisher.begin_write` waits for it."""
+        if any(decode_endpoint(m.agent_metadata).counter_addr for m in manifests):
+            self.registry.release(self.config.model_id, version)
+
+    def _check_write_counters(self, sources: Mapping[int, _Source], counters: Arena) -> None:
+        """Read the write counter of every in-place source after the pull: one that moved
+        since its manifest means the trainer began writing before this receiver was done, and
+        the bytes may be torn."""
+        pairs = {}
+        for rank, view in counters.views.items():
+            e = sources[rank].endpoint
+            remote = RemoteDesc(sources[rank].agent, e.counter_addr, 8, e.device_id)
+            pairs[rank] = [(MemDesc(view.data_ptr(), 8), remote)]
+        self._read(pairs)
+        self.backend.synchronize()
+        for rank, view in counters.views.items():
+            published, now = sources[rank].endpoint.counter, int(view.item())
+            if now != published:
+                raise RefitError(
+                    f"source rank {rank}: write counter {published} -> {now} during the pull: "
+                    "the trainer wrote the memory it published in place before this receiver "
+                    "released the version; refused, the model untouched"
+                )
 
     def _via_scratch(self, p: Piece, t: TensorPlan) -> bool:
         """A strided piece is read whole into scratch here: few large reads (one per source

@@ -6,6 +6,7 @@ Each model gets its own ``PrefixStore`` namespace. Per version ``v`` the keys ar
     v{v}/claim/{rank}   add() counter: the first publish of a rank wins
     v{v}/rank/{rank}    that rank's encoded SourceManifest (msgpack, never pickle)
     v{v}/count          add() counter of ranks published
+    v{v}/released       add() counter of receivers done reading (in-place publishers wait on it)
     index               msgpack list of committed versions (compare_set loop)
 
 A version enters ``index`` only when the last expected rank's ``add`` reaches the world size,
@@ -113,6 +114,26 @@ class VersionRegistry:
             ) from exc
         return ns.get(key)
 
+    def release(self, model: str, version: int) -> int:
+        """A receiver is done reading ``version`` from its sources; returns how many have
+        said so."""
+        return self._ns(model).add(f"v{version}/released", 1)
+
+    def wait_released(
+        self, model: str, version: int, readers: int, timeout: float | None = None
+    ) -> None:
+        """Wait until ``readers`` receivers released ``version`` (:meth:`release`);
+        ``TimeoutError`` saying how many did."""
+        timeout = self.timeout if timeout is None else timeout
+        ns, deadline = self._ns(model), time.monotonic() + timeout
+        while (done := ns.add(f"v{version}/released", 0)) < readers:
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"model {model!r} v{version}: {done} of {readers} receivers released it "
+                    f"within {timeout:.3g}s"
+                )
+            time.sleep(_POLL_S)
+
     def retire(self, model: str, version: int) -> bool:
         """Hide a version from discovery, then delete its keys. False if it was not committed."""
         ns = self._ns(model)
@@ -123,7 +144,7 @@ class VersionRegistry:
         for r in range(world):
             ns.delete_key(f"v{version}/rank/{r}")
             ns.delete_key(f"v{version}/claim/{r}")
-        for k in ("count", "world"):
+        for k in ("count", "world", "released"):
             ns.delete_key(f"v{version}/{k}")
         return True
 

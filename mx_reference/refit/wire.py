@@ -354,6 +354,10 @@ class Endpoint(msgspec.Struct, frozen=True, kw_only=True):
     base_addr: int
     device_id: int = 0
     source_id: str  # unique per publisher incarnation: a restarted replica never shadows a dead one
+    # published in place (the trainer's own memory): where its int64 write counter lies, and
+    # its value at publish; 0 for a snapshot arena, which stays as published until retired
+    counter_addr: int = 0
+    counter: int = 0
 
 
 def encode_endpoint(e: Endpoint) -> bytes:

@@ -46,7 +46,7 @@ from mx_sim.cluster.topology import TopologySpec
 from mx_sim.cpu_mock import CpuMockBackend
 from mx_sim.fixtures import TinyModelSpec, rank_shards, version_model
 from mx_sim.plots import grouped_bars
-from mx_sim.refit.ranks import TrainerRank, receiver_for
+from mx_sim.refit.ranks import TrainerRank, packed_shards, receiver_for
 from mx_sim.report import BenchResult
 from mx_sim.sim_transport import make_transport
 
@@ -54,6 +54,7 @@ KIND = "llama"
 STEP = 1 / 128  # the trainer's step between versions: every weight moves, so every tensor changes
 METHODS = {
     "refit_nixl": "our refit over NIXL (publish + receiver cycle)",
+    "refit_nixl_in_place": "our refit over NIXL, published in place (no arena copy)",
     "refit_sim": "our refit over the simulated transport (publish + receiver cycle)",
     "bcast_tensor": "per-tensor gloo broadcast + `copy_` (verl / OpenRLHF / NeMo-RL "
     "`update_weights_from_distributed`)",
@@ -250,7 +251,7 @@ def _rank_main(rank: int, case: Case, spec: TinyModelSpec, addr: StoreAddress) -
 # ---- the methods: each returns this process's Side -----------------------------------------
 
 
-def _refit(transport: str) -> Callable[[Rank, contextlib.ExitStack], Side]:
+def _refit(transport: str, in_place: bool = False) -> Callable[[Rank, contextlib.ExitStack], Side]:
     def setup(ctx: Rank, stack: contextlib.ExitStack) -> Side:
         topo, info = ctx.case.topology, ctx.info
         registry = VersionRegistry(ctx.store, timeout=ctx.timeout_s)
@@ -260,18 +261,27 @@ def _refit(transport: str) -> Callable[[Rank, contextlib.ExitStack], Side]:
             layout = RefitModelConfig.from_hf(model.config)
             ready: dict[int, list] = {}  # this rank's Megatron shards, cut before the timing
             agent = make_transport(transport, ctx.tag)
-            rank = TrainerRank(info, registry, agent, source=SimpleNamespace(shards=ready.pop))
+            rank = TrainerRank(info, registry, agent, source=SimpleNamespace(shards=ready.get))
             stack.callback(rank.close)
 
             def prepare(version: int) -> None:
+                if version > 1 and in_place:  # the trainer steps its own, published, storage
+                    rank.publisher.begin_write(readers=topo.num_receivers)
+                    rank.retire(version - 1)
+                    _step([t for _, t in ready[1]])
+                    ready[version] = ready[1]
+                    return
                 if version > 1:
                     rank.retire(version - 1)  # the receivers are done: its arena is reused
                     _step(params.values())
-                ready[version] = rank_shards(params, layout, tp=(info.tp_rank, info.tp_size))
+                shards = rank_shards(params, layout, tp=(info.tp_rank, info.tp_size))
+                ready[version] = packed_shards(shards) if in_place else shards
+                if in_place:
+                    params.clear()  # the packed shards are the trainer's parameters now
 
             def publish(version: int) -> None:
                 start = time.perf_counter()
-                rank.publish(version)
+                rank.publish(version, in_place=in_place)
                 ctx.extra["publish_s"] = time.perf_counter() - start
                 ctx.arrive(f"published/{version}", topo.num_trainers)
                 ctx.wait(f"done/{version}")
@@ -394,6 +404,7 @@ def _copy(ctx: Rank, stack: contextlib.ExitStack) -> Side:
 SETUPS: dict[str, Callable[[Rank, contextlib.ExitStack], Side]] = {
     "refit_nixl": _refit("nixl"),
     "refit_sim": _refit("sim"),
+    "refit_nixl_in_place": _refit("nixl", in_place=True),
     "bcast_tensor": _broadcast(bucketed=False),
     "bcast_bucket": _broadcast(bucketed=True),
     "safetensors": _safetensors,
@@ -412,7 +423,8 @@ def repetition(case: Case, spec: TinyModelSpec, addr: StoreAddress) -> dict[str,
     _checkpoint(addr).unlink(missing_ok=True)  # a killed safetensors rank leaves it behind
     for o in outcomes:
         if o.status != "ok":
-            return {"error": f"rank {o.rank} {o.status}: {(o.error or '').splitlines()[0]}"}
+            first = next((line for line in (o.error or "").splitlines() if line.strip()), "")
+            return {"error": f"rank {o.rank} {o.status}: {first}"}
     ranks = [o.value for o in outcomes]
     wrong = [n for r in ranks for n in r.get("problems", [])]
     if wrong:

@@ -24,7 +24,14 @@ from mx_reference.refit.planner import TargetLayout
 from mx_reference.refit.publisher import PublisherConfig, RefitPublisher, arena_offsets
 from mx_reference.refit.receiver import CycleTiming, ReceiverConfig, RefitReceiver
 from mx_reference.refit.registry import VersionRegistry
-from mx_reference.refit.wire import Endpoint, SourceManifest, encode_endpoint, make_manifest
+from mx_reference.refit.wire import (
+    Endpoint,
+    ShardDescriptor,
+    SourceManifest,
+    aligned,
+    encode_endpoint,
+    make_manifest,
+)
 from mx_reference.transport.base import Transport
 from mx_sim.cluster.topology import RankInfo
 from mx_sim.cpu_mock import CpuMockBackend
@@ -92,10 +99,12 @@ class TrainerRank:
     def tp(self) -> tuple[int, int]:
         return (self.info.tp_rank, self.info.tp_size)
 
-    def publish(self, version: int) -> SourceManifest:
+    def publish(self, version: int, in_place: bool = False) -> SourceManifest:
+        """Publish ``version`` of the source's shards: snapshot, or ``in_place`` where they
+        lie (the source's shards are then views of one storage, :func:`packed_shards`)."""
         shards = self.source.shards(version)
         if self.publisher is not None:
-            return self.publisher.publish(version, shards)
+            return self.publisher.publish(version, shards, in_place=in_place)
         descs = [d for d, _ in shards]
         offsets, _ = arena_offsets(descs)
         i = self.info
@@ -125,6 +134,21 @@ class TrainerRank:
             self.publisher.close()
         if self.transport is not None:
             self.transport.close()
+
+
+def packed_shards(
+    shards: list[tuple[ShardDescriptor, torch.Tensor]],
+) -> list[tuple[ShardDescriptor, torch.Tensor]]:
+    """``shards`` copied into one flat buffer, as views of it (each at an aligned offset): what
+    a trainer with a contiguous parameter buffer (Megatron's DDP) holds, published in place."""
+    flat = torch.zeros(sum(aligned(d.nbytes) for d, _ in shards), dtype=torch.uint8)
+    views, at = [], 0
+    for d, t in shards:
+        view = flat[at : at + d.nbytes].view(t.dtype).view(t.shape)
+        view.copy_(t)
+        views.append((d, view))
+        at += aligned(d.nbytes)
+    return views
 
 
 def receiver_for(

@@ -586,7 +586,44 @@ def page_section(out_dir: Path, page: Path) -> str:
         method, _, topology = case.partition(" ")
         name = METHODS[method] + (f", {topology}" if topology else "")
         lines.append(f"| {name} | {' | '.join(cells)} |")
-    return "\n".join([*lines, "", f"![peers]({rel}/peers.png)", "", *_reading(sizes), ""])
+    reading = [*_reading(sizes), "", *_projection(sizes)]
+    return "\n".join([*lines, "", f"![peers]({rel}/peers.png)", "", *reading, ""])
+
+
+PROJECTED_BYTES = 8e9  # an 8 GB model on 8 trainer + 8 inference ranks: 1 GB a rank
+PROJECTED_RANKS = 8
+NIC_8GB_S = 0.205  # the seed's figure: 8 GB over one 400 Gbps NIC
+
+
+def _projection(sizes: list[dict[str, Any]]) -> list[str]:
+    """Scale on paper: the largest size's measured per-byte phase costs, applied to 1 GB a
+    rank, with the pull at the NIC's speed instead of this VM's."""
+    size = sizes[-1]
+    ours = next((r for r in size["rows"] if r["case"] == "refit_nixl" and r["verified"]), None)
+    if ours is None:
+        return []
+    per_rank = PROJECTED_BYTES / PROJECTED_RANKS
+    scale = per_rank / size["model_bytes"]
+    local = {p: ours["phases"].get(p, 0.0) * scale for p in ("publish", "verify", "apply")}
+    nic = {"one NIC a rank": NIC_8GB_S / PROJECTED_RANKS, "one NIC for all 8": NIC_8GB_S}
+    lines = [
+        "### Scale on paper",
+        "",
+        f"An 8 GB model on {PROJECTED_RANKS} trainer + {PROJECTED_RANKS} inference ranks "
+        "(TP 8 on each side: 1 GB a rank, the ranks in parallel), from the per-byte costs of "
+        f"our refit measured above at {_size(size['mib'])} on this CPU VM, and the pull at the "
+        f"seed's NIC figure (8 GB in {NIC_8GB_S} s over one 400 Gbps NIC). Publish, verify and "
+        "apply run at this VM's memory speed here; on a GPU they run at HBM speed, so these "
+        "rows bound them from above.",
+        "",
+        "| per rank, s | publish | pull | verify | apply | total |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for label, pull in nic.items():
+        cells = [local["publish"], pull, local["verify"], local["apply"]]
+        row = " | ".join(f"{c:.3f}" for c in [*cells, sum(cells)])
+        lines.append(f"| {label} | {row} |")
+    return lines
 
 
 def _reading(sizes: list[dict[str, Any]]) -> list[str]:

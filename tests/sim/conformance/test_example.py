@@ -33,6 +33,7 @@ def test_example_adapter_passes_and_skips_only_undeclared(toy):
         "discovery.hf_mixtral",
         "discovery.post_load_capture",
         "refit.moe_expert_parallel",
+        "refit.ep_target_layout",
         *sharded,
     }
     assert all(any(c in why for c in ("moe", "fp8", "sharded")) for why in skipped.values())

@@ -3,8 +3,8 @@
 The command gets a new mount namespace (``unshare --mount``) with a fresh tmpfs on ``/dev/shm``,
 so what it counts there is its own, whatever else runs beside it (parallel tests, another
 simulator), and a new pid namespace, so that when it is killed (a timeout) no process it
-started outlives it. It needs ``unshare`` and the right to mount (root, or a user namespace); where either
-is missing the command runs as it is, and the caller is told so.
+started outlives it. It needs ``unshare`` and the right to mount (root, or a user namespace);
+where either is missing the command runs as it is, and the caller is told so.
 """
 
 from __future__ import annotations

@@ -71,8 +71,9 @@ class SharedChannelConfig:
     inline. ``get_timeout_s``: how long a receiver waits for a tensor its message names.
     ``ttl_s``: how long a receiver buffers an unclaimed tensor, and a producer keeps an unacked
     one; past it the producer also withdraws the fd it offers for it, so a consumer that fetches
-    it later loses it (counted in ``lost``). Keep it well above ``get_timeout_s``. ``resend``: what to do with a tensor this process received and now sends on (``clone``
-    it, or ``reject`` it with ``ValueError``).
+    it later loses it (counted in ``lost``). Keep it well above ``get_timeout_s``. ``resend``:
+    what to do with a tensor this process received and now sends on (``clone`` it, or
+    ``reject`` it with ``ValueError``).
     """
 
     enabled: bool = True

@@ -233,10 +233,12 @@ class ShardTarget(TargetLayout):
             for part in parts:
                 where = f"local tensor {local_name!r}: part {part}"
                 if isinstance(part, Padding):
-                    if part.dim != parts[0].dim or part.rows <= 0:
+                    if part.rows <= 0:
+                        raise ValueError(f"{where}: field 'rows': {part.rows} is not positive")
+                    if part.dim != parts[0].dim:
                         raise ValueError(
-                            f"{where}: field 'dim': padding of {part.rows} rows along dim "
-                            f"{part.dim}, the parts are concatenated along dim {parts[0].dim}"
+                            f"{where}: field 'dim': padding along dim {part.dim}, the parts "
+                            f"are concatenated along dim {parts[0].dim}"
                         )
                     at += part.rows
                     continue

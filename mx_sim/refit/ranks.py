@@ -28,7 +28,6 @@ from mx_reference.refit.wire import (
     Endpoint,
     ShardDescriptor,
     SourceManifest,
-    aligned,
     encode_endpoint,
     make_manifest,
 )
@@ -141,13 +140,13 @@ def packed_shards(
 ) -> list[tuple[ShardDescriptor, torch.Tensor]]:
     """``shards`` copied into one flat buffer, as views of it (each at an aligned offset): what
     a trainer with a contiguous parameter buffer (Megatron's DDP) holds, published in place."""
-    flat = torch.zeros(sum(aligned(d.nbytes) for d, _ in shards), dtype=torch.uint8)
-    views, at = [], 0
+    offsets, nbytes = arena_offsets([d for d, _ in shards])
+    flat = torch.zeros(nbytes, dtype=torch.uint8)
+    views = []
     for d, t in shards:
-        view = flat[at : at + d.nbytes].view(t.dtype).view(t.shape)
-        view.copy_(t)
-        views.append((d, view))
-        at += aligned(d.nbytes)
+        at = offsets[d.name]
+        views.append((d, flat[at : at + d.nbytes].view(t.dtype).view(t.shape)))
+        views[-1][1].copy_(t)
     return views
 
 

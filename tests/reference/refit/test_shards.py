@@ -148,6 +148,9 @@ def test_bad_layouts_name_the_tensor_and_field():
     across = {o: (SlicePart(o, 1, 0, 64), Padding(0, 8))}  # padding along another dim
     with pytest.raises(ValueError, match=rf"'{o}'.*field 'dim'"):
         ShardTarget.build(across, {o: (64, 72)}, meta, cfg, position=TargetLayout())
+    empty = {o: (SlicePart(o, 1, 0, 64), Padding(1, 0))}
+    with pytest.raises(ValueError, match=rf"'{o}'.*field 'rows'"):
+        ShardTarget.build(empty, {o: (64, 64)}, meta, cfg, position=TargetLayout())
 
 
 def test_a_whole_parameter_may_be_declared_along_any_dim():

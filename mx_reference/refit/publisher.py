@@ -23,10 +23,11 @@ for in-place publishing the write counter's address and value), and each descrip
 
 from __future__ import annotations
 
-import hashlib
 import uuid
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import msgspec
 import torch
@@ -37,11 +38,13 @@ from mx_reference.refit.wire import (
     DTYPES,
     Endpoint,
     ShardDescriptor,
+    Signatures,
     SourceManifest,
     aligned,
     encode_endpoint,
     layout_signature,
     make_manifest,
+    revision_of,
     shard_checksum,
     shard_digest,
 )
@@ -53,6 +56,9 @@ class PublisherConfig:
     model_id: str
     source_kind: str = "trainer"  # or "replica"
     max_live_versions: int = 2  # arenas: one being read while the next is written
+    # publish each manifest before hashing its shards: receivers pull while a background
+    # thread computes the digests, then read them from the registry before they verify
+    sign_later: bool = False
 
 
 @dataclass(eq=False)
@@ -81,6 +87,11 @@ class PublisherStats:
     registrations: int = 0
     bytes_registered: int = 0
     versions_published: int = 0
+
+
+def _signature(d: ShardDescriptor, shard: torch.Tensor) -> dict[str, Any]:
+    """A descriptor's digest and position checksum of ``shard``, its bytes as published."""
+    return {"digest": shard_digest(shard), "checksum": shard_checksum(d, shard)}
 
 
 def arena_offsets(descs: Sequence[ShardDescriptor]) -> tuple[dict[str, int], int]:
@@ -120,6 +131,9 @@ class RefitPublisher:
         self.stats = PublisherStats()
         self._arenas: list[_Arena] = []
         self._home: _Home | None = None
+        self._signer = ThreadPoolExecutor(1, thread_name_prefix="mx-refit-sign")
+        self._signer_registry = registry.connection() if config.sign_later else registry
+        self._signing: Future[None] | None = None
 
     def live_versions(self) -> list[int]:
         return sorted(h.version for h in self._holders() if h.version is not None)
@@ -138,6 +152,7 @@ class RefitPublisher:
         meanwhile. With ``in_place`` they are published where they lie: contiguous views of
         one storage, registered once (again only when the storage changes), nothing copied;
         call :meth:`begin_write` before writing them again."""
+        self.wait_signed()
         if not shards:
             raise ValueError(f"publish v{version}: no shards")
         if version in self.live_versions():
@@ -153,18 +168,18 @@ class RefitPublisher:
             holder = arena = self._arena_for([d for d, _ in shards])
             offsets, regions, counter = arena.offsets, arena.registration.regions, None
         holder.version = version  # claimed before the copy: a failure below retires it again
+        sign_now = not self.config.sign_later
         try:
-            finished = []
+            finished, published = [], []  # descriptors; the bytes receivers read, as shards
             for d, t in shards:
                 offset = offsets[d.name]
                 if not in_place:
                     dest = arena.buffer[offset : offset + d.nbytes]
                     dest.copy_(t.detach().contiguous().reshape(-1).view(torch.uint8))
-                finished.append(
-                    msgspec.structs.replace(
-                        d, offset=offset, digest=shard_digest(t), checksum=shard_checksum(d, t)
-                    )
-                )
+                    t = dest.view(DTYPES[d.dtype]).view(d.local_shape)
+                signature = _signature(d, t) if sign_now else {}
+                finished.append(msgspec.structs.replace(d, offset=offset, **signature))
+                published.append(t)
             endpoint = Endpoint(
                 transport_metadata=self.transport.metadata(),
                 base_addr=regions[0].addr,
@@ -181,15 +196,25 @@ class RefitPublisher:
                 pp=self.pp,
                 ep=self.ep,
                 source_kind=self.config.source_kind,
-                revision=hashlib.sha256("".join(d.digest for d in finished).encode()).hexdigest(),
+                revision=revision_of([d.digest for d in finished]) if sign_now else "",
                 agent_metadata=encode_endpoint(endpoint),
+                signed_later=not sign_now,
             )
             self.registry.publish(manifest)
         except BaseException:
             holder.version = None
             raise
+        if not sign_now:
+            self._signing = self._signer.submit(self._sign, manifest, published)
         self.stats.versions_published += 1
         return manifest
+
+    def wait_signed(self) -> None:
+        """Wait until the version published last with ``sign_later`` is signed (its digests in
+        the registry); re-raises what failed its signing."""
+        signing, self._signing = self._signing, None
+        if signing is not None:
+            signing.result()
 
     def begin_write(self, *, readers: int = 0, timeout_s: float | None = None) -> None:
         """The trainer is about to write the storage it published in place: wait until
@@ -197,6 +222,7 @@ class RefitPublisher:
         ``timeout_s``, default the registry's), then bump the write counter, so a receiver
         still reading fails closed instead of applying torn bytes. The version is no longer
         live. Nothing to do after snapshot publishing."""
+        self.wait_signed()  # the digests are of the bytes as published
         home = self._home
         if home is None or home.version is None:
             return
@@ -208,6 +234,7 @@ class RefitPublisher:
 
     def retire(self, version: int) -> None:
         """Free ``version``'s arena for reuse; receivers must be done reading it."""
+        self.wait_signed()
         for holder in self._holders():
             if holder.version == version:
                 holder.version = None
@@ -215,17 +242,33 @@ class RefitPublisher:
         raise ValueError(f"retire v{version}: not a live version (live: {self.live_versions()})")
 
     def close(self) -> None:
-        """Deregister every arena, and the in-place storage."""
-        for arena in self._arenas:
-            self.transport.deregister(arena.registration)
-        self._arenas.clear()
-        if self._home is not None:
-            self.transport.deregister(self._home.registration)
-            self._home = None
+        """Deregister every arena, and the in-place storage; then re-raise what failed the
+        last signing, if anything did."""
+        try:
+            self.wait_signed()
+        finally:
+            self._signer.shutdown()
+            for arena in self._arenas:
+                self.transport.deregister(arena.registration)
+            self._arenas.clear()
+            if self._home is not None:
+                self.transport.deregister(self._home.registration)
+                self._home = None
 
     def _holders(self) -> list[_Arena | _Home]:
         """Whatever holds a version: the snapshot arenas, and the in-place storage."""
         return [*self._arenas, *([self._home] if self._home else [])]
+
+    def _sign(self, manifest: SourceManifest, shards: Sequence[torch.Tensor]) -> None:
+        signatures = [_signature(d, t) for d, t in zip(manifest.tensors, shards, strict=True)]
+        self._signer_registry.publish_signatures(
+            manifest,
+            Signatures(
+                names_digest=manifest.names_digest,
+                digests=tuple(s["digest"] for s in signatures),
+                checksums=tuple(s["checksum"] for s in signatures),
+            ),
+        )
 
     def _check_shard(self, d: ShardDescriptor, t: torch.Tensor) -> None:
         if not isinstance(t, torch.Tensor):

@@ -434,14 +434,16 @@ class RefitReceiver:
         canonical: Mapping[str, torch.Tensor],
         tensors: Mapping[str, torch.Tensor],
     ) -> None:
-        """Names assembled == names published, and every published shard digest matches."""
+        """Names assembled == names published, and every published shard digest matches.
+        Digests signed later are waited for once this rank has hashed its own bytes: the
+        publisher and the receiver hash at the same time."""
         published = sorted({d.name for m in manifests for d in m.tensors})
         if name_digest(sorted(canonical)) != name_digest(published):
             extra = sorted(set(canonical) ^ set(published))
             raise RefitError(f"name sequence digest mismatch: {extra[:5]} differ")
 
-        def digest(signed_shard: tuple[SourceManifest, ShardDescriptor]) -> str:
-            m, d = signed_shard
+        def digest(m: SourceManifest, i: int) -> str:
+            d = m.tensors[i]
             full = canonical[d.name]
             if d.grouped:
                 full = full[d.expert_ids[0] : d.expert_ids[-1] + 1]
@@ -450,11 +452,18 @@ class RefitReceiver:
             )
             return shard_digest(*pieces, axis=d.shard_axis)
 
-        signed = [(m, d) for m in manifests for d in m.tensors if d.digest]
-        # hashlib drops the GIL while hashing, so threads spread the hashing over the cores
+        hashed = [
+            (j, i)
+            for j, m in enumerate(manifests)
+            for i, d in enumerate(m.tensors)
+            if d.digest or m.signed_later
+        ]
+        # blake3 drops the GIL while hashing, so threads spread the hashing over the cores
         with ThreadPoolExecutor(os.cpu_count()) as pool:
-            found = list(pool.map(digest, signed))
-        for (m, d), got in zip(signed, found, strict=True):
+            found = list(pool.map(lambda ji: digest(manifests[ji[0]], ji[1]), hashed))
+        signed = [self.registry.signed(m) for m in manifests]
+        for (j, i), got in zip(hashed, found, strict=True):
+            m, d = signed[j], signed[j].tensors[i]
             if got != d.digest:
                 raise RefitError(
                     f"{d.name}: content digest mismatch against source rank {m.rank} "

@@ -6,6 +6,7 @@ Each model gets its own ``PrefixStore`` namespace. Per version ``v`` the keys ar
     v{v}/claim/{rank}   add() counter: the first publish of a rank wins
     v{v}/rank/{rank}    that rank's encoded SourceManifest (msgpack, never pickle)
     v{v}/count          add() counter of ranks published
+    v{v}/signed/{rank}  that rank's encoded Signatures, for a manifest published signed_later
     v{v}/released       add() counter of receivers done reading (in-place publishers wait on it)
     index               msgpack list of committed versions (compare_set loop)
 
@@ -21,7 +22,15 @@ from datetime import timedelta
 import msgspec
 import torch.distributed as dist
 
-from mx_reference.refit.wire import SourceManifest, decode_manifest, encode_manifest
+from mx_reference.refit.wire import (
+    Signatures,
+    SourceManifest,
+    decode_manifest,
+    decode_signatures,
+    encode_manifest,
+    encode_signatures,
+    sign,
+)
 
 _POLL_S = 0.01
 # Store.set / compare_set take bytes at runtime; torch's stubs say str, hence the ignores below.
@@ -38,6 +47,13 @@ class VersionRegistry:
         self.store = store
         self.timeout = timeout
         self.prefix = prefix
+
+    def connection(self) -> VersionRegistry:
+        """This registry on its own connection to the store, for another thread: a TCPStore
+        client runs one call at a time, so a ``set`` from one thread waits behind another
+        thread's blocking ``wait`` on the same client."""
+        clone = self.store.clone()  # type: ignore[attr-defined]  # at runtime, not in the stubs
+        return VersionRegistry(clone, timeout=self.timeout, prefix=self.prefix)
 
     def _ns(self, model: str) -> dist.PrefixStore:
         if not model or "/" in model:
@@ -105,6 +121,33 @@ class VersionRegistry:
         world = int(self._get(ns, model, f"v{version}/world"))
         return [decode_manifest(self._get(ns, model, f"v{version}/rank/{r}")) for r in range(world)]
 
+    def publish_signatures(self, manifest: SourceManifest, signatures: Signatures) -> None:
+        """The digests of a manifest published ``signed_later``; ``ValueError`` when they
+        do not sign it."""
+        if not manifest.signed_later:
+            raise ValueError(
+                f"manifest rank {manifest.rank} v{manifest.version}: field 'signed_later': "
+                "False, its descriptors carry their digests"
+            )
+        sign(manifest, signatures)
+        key = f"v{manifest.version}/signed/{manifest.rank}"
+        self._ns(manifest.model_id).set(key, encode_signatures(signatures))  # type: ignore[arg-type]
+
+    def signed(self, manifest: SourceManifest) -> SourceManifest:
+        """``manifest`` with its digests: as it is, or, published ``signed_later``, once its
+        publisher has published them (waiting up to the registry's timeout)."""
+        if not manifest.signed_later:
+            return manifest
+        m, ns = manifest, self._ns(manifest.model_id)
+        try:
+            data = self._get(ns, m.model_id, f"v{m.version}/signed/{m.rank}")
+        except LookupError as exc:
+            raise TimeoutError(
+                f"model {m.model_id!r} v{m.version}: source rank {m.rank} published no digests "
+                f"within {self.timeout:.3g} s of its manifest (signed_later)"
+            ) from exc
+        return sign(m, decode_signatures(data))
+
     def _get(self, ns: dist.PrefixStore, model: str, key: str) -> bytes:
         try:
             ns.wait([key], timedelta(seconds=self.timeout))
@@ -144,6 +187,7 @@ class VersionRegistry:
         for r in range(world):
             ns.delete_key(f"v{version}/rank/{r}")
             ns.delete_key(f"v{version}/claim/{r}")
+            ns.delete_key(f"v{version}/signed/{r}")
         for k in ("count", "world", "released"):
             ns.delete_key(f"v{version}/{k}")
         return True

@@ -491,9 +491,9 @@ class ShardedRefitReceiver(RefitReceiver):
         tensors: Mapping[str, torch.Tensor],
     ) -> None:
         """The replica's rows, each counted once (by its lowest rank), checksum to exactly
-        what the publishers announced: one all-reduce of one number per tensor."""
+        what the publishers announced: one all-reduce of one number per tensor. Checksums
+        signed later are waited for after that."""
         names = sorted(self.global_shapes)
-        expected = published_checksums(manifests, names)
         rows = self.shard_target.by_name
         got = torch.zeros(len(names), dtype=torch.int64)
         for i, name in enumerate(names):
@@ -507,6 +507,7 @@ class ShardedRefitReceiver(RefitReceiver):
         if self.group is not None:
             self.group.allreduce([got]).wait()
             got &= CHECKSUM_MASK
+        expected = published_checksums([self.registry.signed(m) for m in manifests], names)
         for i, name in enumerate(names):
             if int(got[i]) != expected[i]:
                 raise RefitError(

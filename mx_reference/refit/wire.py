@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Sequence
 
 import blake3
 import msgspec
@@ -224,6 +225,9 @@ class SourceManifest(msgspec.Struct, frozen=True, kw_only=True):
     tensors: tuple[ShardDescriptor, ...] = ()
     layout_signature: str = ""
     names_digest: str = ""
+    # the descriptors' digests and checksums come after the manifest, as Signatures: the
+    # publisher hashes while receivers pull (PublisherConfig.sign_later)
+    signed_later: bool = False
 
     @property
     def world_size(self) -> int:
@@ -275,6 +279,7 @@ def make_manifest(
     revision: str = "",
     source_kind: str = "trainer",
     agent_metadata: bytes = b"",
+    signed_later: bool = False,
 ) -> SourceManifest:
     """A validated manifest with its signature and name digest filled in.
 
@@ -296,6 +301,7 @@ def make_manifest(
         tensors=tensors,
         layout_signature=layout_signature(tensors, tp=tp, pp=pp, ep=ep),
         names_digest=name_digest(d.name for d in tensors),
+        signed_later=signed_later,
     )
     validate_manifest(m)
     return m
@@ -323,6 +329,8 @@ def validate_manifest(m: SourceManifest) -> None:
         raise ValueError(f"{where}: field 'layout_signature': does not match the descriptors")
     if m.names_digest != name_digest(names):
         raise ValueError(f"{where}: field 'names_digest': does not match the tensor names")
+    if m.signed_later and any(d.digest or d.checksum is not None for d in m.tensors):
+        raise ValueError(f"{where}: field 'signed_later': its descriptors carry digests")
 
 
 _ENCODER = msgspec.msgpack.Encoder()
@@ -342,6 +350,49 @@ def decode_manifest(data: bytes) -> SourceManifest:
         raise ValueError(f"bad refit manifest: {e}") from None
     validate_manifest(m)
     return m
+
+
+class Signatures(msgspec.Struct, frozen=True, kw_only=True):
+    """The digests and checksums of a manifest published with ``signed_later``, one per
+    descriptor in the manifest's order."""
+
+    names_digest: str  # of the manifest they sign
+    digests: tuple[str, ...]
+    checksums: tuple[int, ...]
+
+
+def sign(m: SourceManifest, signatures: Signatures) -> SourceManifest:
+    """``m`` with the digests and checksums of ``signatures`` in its descriptors; ``ValueError``
+    when they sign another manifest."""
+    n, s = len(m.tensors), signatures
+    if s.names_digest != m.names_digest or len(s.digests) != n or len(s.checksums) != n:
+        raise ValueError(
+            f"manifest {m.model_id!r} v{m.version} rank {m.rank}: field 'signatures': "
+            f"they sign another tensor list ({len(s.digests)} digests for {n} tensors)"
+        )
+    tensors = tuple(
+        msgspec.structs.replace(d, digest=digest, checksum=checksum)
+        for d, digest, checksum in zip(m.tensors, s.digests, s.checksums, strict=True)
+    )
+    revision = revision_of(s.digests)
+    return msgspec.structs.replace(m, tensors=tensors, revision=revision, signed_later=False)
+
+
+def revision_of(digests: Sequence[str]) -> str:
+    """``SourceManifest.revision``: one digest of a rank's shard digests, in manifest order."""
+    return hashlib.sha256("".join(digests).encode()).hexdigest()
+
+
+def encode_signatures(s: Signatures) -> bytes:
+    return _ENCODER.encode(s)
+
+
+def decode_signatures(data: bytes) -> Signatures:
+    """Parse a registry's signatures; ``ValueError`` on anything else."""
+    try:
+        return msgspec.msgpack.decode(data, type=Signatures)
+    except msgspec.DecodeError as exc:
+        raise ValueError(f"bad refit signatures: {exc}") from None
 
 
 class Endpoint(msgspec.Struct, frozen=True, kw_only=True):
@@ -400,14 +451,30 @@ def _weights(dim: int, start: int, size: int) -> torch.Tensor:
 
 
 def _words(block: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """``block`` as int32 words, rows of its last dim, and how many words an element is."""
+    """``block``'s bytes as integer words of at most 32 bits, rows of its last dim, and how
+    many int32 words an element is (8-byte elements are two)."""
     data = block.detach().contiguous().cpu()
     size = data.element_size()
-    if size == 8:
-        words = data.view(torch.int32)  # an element is two words
-    else:
-        words = data.view({1: torch.int8, 2: torch.int16, 4: torch.int32}[size]).to(torch.int32)
+    words = data.view({1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int32}[size])
     return words.reshape(-1, words.shape[-1]), max(size // 4, 1)
+
+
+_FOLD_WORDS = 1 << 18  # a block of rows whose int32 products (1 MiB) stay in cache
+
+
+def _fold_rows(words: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``words @ w`` in int32, wrapping: ``(R, C)`` words of at most 32 bits, ``(C,)`` weights,
+    ``(R,)`` out. torch's integer ``mv`` is a scalar loop (3x slower than ``copy_`` here); a
+    vectorized multiply and row sum over cache-sized blocks runs at memory speed."""
+    rows, cols = words.shape
+    step = max(1, _FOLD_WORDS // max(cols, 1))
+    out = torch.empty(rows, dtype=torch.int32)
+    products = torch.empty(min(step, rows), cols, dtype=torch.int32)
+    for lo in range(0, rows, step):
+        block = products[: min(step, rows - lo)]
+        torch.mul(words[lo : lo + len(block)], w, out=block)
+        torch.sum(block, 1, dtype=torch.int32, out=out[lo : lo + len(block)])
+    return out
 
 
 def box_checksum(
@@ -416,8 +483,7 @@ def box_checksum(
     """Position checksum of ``block``, the box of a global tensor of ``global_shape`` that
     starts at ``starts``: the sum over its int32 words of ``(word + 1) * w(global index)``
     modulo 2**32, ``w`` a product of one odd weight per dim, so the whole sum is one integer
-    matrix-vector product over the words (memory speed, as fast as BLAKE3 here) and small
-    ones for the other dims.
+    matrix-vector product over the words (memory speed) and small ones for the other dims.
 
     Unlike a digest it composes: the checksums of disjoint boxes add up to the checksum of
     their union, whoever holds them. So a receiver replica whose ranks each hold other rows
@@ -429,7 +495,7 @@ def box_checksum(
     last = block.dim() - 1
     # int32 products and sums wrap modulo 2**32: the arithmetic of the checksum
     w = _weights(last, starts[last] * per, block.shape[last] * per)
-    folded = torch.mv(words, w) + w.sum(dtype=torch.int32)  # (word + 1) * w along the last dim
+    folded = _fold_rows(words, w) + w.sum(dtype=torch.int32)  # (word + 1) * w along the last dim
     for d in reversed(range(last)):
         folded = torch.mv(folded.view(-1, block.shape[d]), _weights(d, starts[d], block.shape[d]))
     return int(folded.sum(dtype=torch.int64)) & CHECKSUM_MASK

@@ -2,9 +2,9 @@
 
 A trainer process holds new weights of an fp32 HF Llama; an inference process must end up holding
 them. The methods (:data:`METHODS`) move the same bytes: our refit over real NIXL and over the
-simulated transport, the trainer's publish included (also at mixed TP 2->1 and 1->2); gloo
-broadcasts, per tensor and bucketed; safetensors through /dev/shm; one NIXL read; and ``copy_``
-in one process, the limit every ratio is taken against.
+simulated transport, the trainer's publish included (also at mixed TP 2->1, and 1->2 and 2->4
+into vLLM-shaped sharded ranks); gloo broadcasts, per tensor and bucketed; safetensors through
+/dev/shm; one NIXL read; and ``copy_`` in one process, the limit every ratio is taken against.
 
 Every repetition of every method runs in fresh processes (:func:`mx_sim.cluster.launch.launch`),
 so one method's buffers never inflate another's memory; repetitions go round-robin over the
@@ -28,7 +28,7 @@ import resource
 import statistics
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -40,9 +40,12 @@ from mx_reference.refit.apply import model_parameters
 from mx_reference.refit.name_maps import RefitModelConfig
 from mx_reference.refit.planner import TargetLayout
 from mx_reference.refit.registry import VersionRegistry
+from mx_reference.refit.shards import ShardedRefitReceiver
 from mx_reference.transport import MemDesc
+from mx_sim.bench.refit import SPAN_BYTES
 from mx_sim.cluster.launch import StoreAddress, gloo_group, host_store, launch
 from mx_sim.cluster.topology import TopologySpec
+from mx_sim.conformance.sharded_adapter import cut, vllm_shard
 from mx_sim.cpu_mock import CpuMockBackend
 from mx_sim.fixtures import TinyModelSpec, rank_shards, version_model
 from mx_sim.plots import grouped_bars
@@ -64,7 +67,8 @@ METHODS = {
     "copy": "`torch` `copy_` of the same bytes, one process (the limit)",
 }
 PHASES = ("publish", "pull", "verify", "apply")  # where our refit's time goes, in the page
-# per process: the peak RSS, and the peak above the runtime alone, largest rank / model bytes
+# per process: the peak RSS, and the peak above the runtime alone, over the bytes the process
+# holds (a TP rank: its shards); the largest rank
 RSS_KEYS = tuple(f"rss_{k}_{r}_x" for k in ("peak", "added") for r in ("trainer", "receiver"))
 
 
@@ -75,7 +79,8 @@ class PeersConfig:
     sizes_mib: tuple[int, ...] = (256, 1024)
     reps: int = 5
     methods: tuple[str, ...] = tuple(METHODS)
-    mixed_tp: tuple[tuple[int, int], ...] = ((2, 1), (1, 2))  # (trainer, inference) TP, NIXL refit
+    # (trainer, inference) TP, NIXL refit; an inference TP over 1 is a vLLM-shaped sharded rank
+    mixed_tp: tuple[tuple[int, int], ...] = ((2, 1), (1, 2), (2, 4))
     timeout_s: float = 300.0  # a repetition's deadline; also every wait inside it
 
     def cases(self) -> list[Case]:
@@ -159,6 +164,10 @@ def expected(spec: TinyModelSpec) -> dict[str, torch.Tensor]:
     return params
 
 
+def _nbytes(tensors: Iterable[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 def _pack(tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """Every tensor, flattened into one new buffer: (total numel,) of their dtype."""
     return torch.cat([t.reshape(-1) for t in tensors.values()])
@@ -193,11 +202,13 @@ def _rss() -> int:
 @dataclass
 class Side:
     """What one process does in a method: ``prepare(v)`` (untimed), ``update(v)`` (timed), and
-    on a receiving process, ``received(like)``: the tensors it holds after the update."""
+    on a receiving process, ``received(like)``: the tensors it holds after the update, and
+    ``holds(full)``: which tensors those must be, given the full weights (a TP rank's slices)."""
 
     update: Callable[[int], None]
     prepare: Callable[[int], None] = lambda version: None
     received: Callable[[Mapping[str, torch.Tensor]], Mapping[str, torch.Tensor]] | None = None
+    holds: Callable[[Mapping[str, torch.Tensor]], Mapping[str, torch.Tensor]] = lambda full: full
 
 
 class Rank:
@@ -225,6 +236,11 @@ class Rank:
 
 
 def _rank_main(rank: int, case: Case, spec: TinyModelSpec, addr: StoreAddress) -> dict[str, Any]:
+    if case.world > (os.cpu_count() or 1):
+        # more ranks than cores: one intra-op thread each (torchrun's OMP_NUM_THREADS=1), as
+        # OpenMP barriers spin while other ranks hold the cores. With no more ranks than cores
+        # they mostly take turns (publish, pull, apply) and keep torch's default.
+        torch.set_num_threads(1)
     ctx, base = Rank(rank, case, spec, addr), _rss()  # the runtime alone: torch, transformers
     with contextlib.ExitStack() as stack:
         side = SETUPS[case.method](ctx, stack)
@@ -240,9 +256,10 @@ def _rank_main(rank: int, case: Case, spec: TinyModelSpec, addr: StoreAddress) -
         out = {"role": ctx.role, "seconds": seconds, "rss_peak": peak, "rss_added": peak - base}
         out.update(rss_base=base, **ctx.extra)
         if side.received is not None:
-            want = expected(spec)
+            full = expected(spec)
+            want = side.holds(full)
             got = side.received(want)
-            out["model_bytes"] = sum(t.numel() * t.element_size() for t in want.values())
+            out.update(model_bytes=_nbytes(full.values()), held_bytes=_nbytes(want.values()))
             out["tensors"] = len(want)
             out["problems"] = [n for n in want if n not in got or not torch.equal(got[n], want[n])]
     return out
@@ -261,23 +278,23 @@ def _refit(transport: str, in_place: bool = False) -> Callable[[Rank, contextlib
             layout = RefitModelConfig.from_hf(model.config)
             ready: dict[int, list] = {}  # this rank's Megatron shards, cut before the timing
             agent = make_transport(transport, ctx.tag)
-            rank = TrainerRank(info, registry, agent, source=SimpleNamespace(shards=ready.get))
+            source = SimpleNamespace(shards=ready.get)
+            # signing later: receivers pull while the trainer hashes what it published
+            rank = TrainerRank(info, registry, agent, source=source, sign_later=True)
             stack.callback(rank.close)
 
             def prepare(version: int) -> None:
-                if version > 1 and in_place:  # the trainer steps its own, published, storage
-                    rank.publisher.begin_write(readers=topo.num_receivers)
-                    rank.retire(version - 1)
-                    _step([t for _, t in ready[1]])
-                    ready[version] = ready[1]
+                if version == 1:
+                    shards = rank_shards(params, layout, tp=(info.tp_rank, info.tp_size))
+                    ready[1] = packed_shards(shards) if in_place else shards
+                    ctx.extra["held_bytes"] = _nbytes(t for _, t in ready[1])
+                    params.clear()  # the shards are the trainer's parameters, as on a Megatron rank
                     return
-                if version > 1:
-                    rank.retire(version - 1)  # the receivers are done: its arena is reused
-                    _step(params.values())
-                shards = rank_shards(params, layout, tp=(info.tp_rank, info.tp_size))
-                ready[version] = packed_shards(shards) if in_place else shards
-                if in_place:
-                    params.clear()  # the packed shards are the trainer's parameters now
+                if in_place:  # the trainer is about to write the storage it published
+                    rank.publisher.begin_write(readers=topo.num_receivers)
+                rank.retire(version - 1)  # the receivers are done: its arena is reused
+                ready[version] = ready.pop(version - 1)
+                _step([t for _, t in ready[version]])
 
             def publish(version: int) -> None:
                 start = time.perf_counter()
@@ -295,11 +312,22 @@ def _refit(transport: str, in_place: bool = False) -> Callable[[Rank, contextlib
             if len(members) > 1
             else None
         )
-        receiver = receiver_for(
-            model, registry=registry, transport=agent, timeout_s=ctx.timeout_s,
+        wiring: dict[str, Any] = dict(
+            registry=registry, transport=agent, timeout_s=ctx.timeout_s,
             target=TargetLayout(tp_size=info.tp_size, tp_rank=info.tp_rank),
             backend=CpuMockBackend(), group=group,
         )  # fmt: skip
+        if info.tp_size > 1:  # a vLLM-shaped rank: it holds, and pulls, its slices only
+            engine = vllm_shard(model, info.tp_size, info.tp_rank)
+            wiring.update(layout=engine.layout, local=engine.local, meta=engine.meta)
+            # a row-parallel slice is one span a row: shorter ones read whole shards to scratch
+            wiring.update(min_span_bytes=SPAN_BYTES)
+            receiver = receiver_for(engine.model, make=ShardedRefitReceiver, **wiring)
+            received = lambda like: engine.local  # noqa: E731
+            holds = lambda full: {n: cut(full, p) for n, p in engine.layout.items()}  # noqa: E731
+        else:
+            receiver = receiver_for(model, **wiring)
+            received, holds = lambda like: model_parameters(model), Side.holds
         stack.callback(receiver.close)
 
         def refit(version: int) -> None:
@@ -307,7 +335,7 @@ def _refit(transport: str, in_place: bool = False) -> Callable[[Rank, contextlib
             ctx.extra["phases"] = receiver.refit(version).to_json()
             ctx.arrive(f"done/{version}", topo.num_receivers)
 
-        return Side(refit, received=lambda like: model_parameters(model))
+        return Side(refit, received=received, holds=holds)
 
     return setup
 
@@ -438,8 +466,13 @@ def repetition(case: Case, spec: TinyModelSpec, addr: StoreAddress) -> dict[str,
         out["phases"]["publish"] = max(r["publish_s"] for r in ranks if r["role"] == "trainer")
     for kind in ("peak", "added"):
         for role in ("trainer", "receiver"):
-            mine = [r[f"rss_{kind}"] for r in ranks if r["role"] == role]
-            out[f"rss_{kind}_{role}_x"] = max(mine) / out["model_bytes"] if mine else None
+            # a rank's RSS over the bytes it holds: a trainer's default, the full model
+            mine = [
+                r[f"rss_{kind}"] / r.get("held_bytes", out["model_bytes"])
+                for r in ranks
+                if r["role"] == role
+            ]
+            out[f"rss_{kind}_{role}_x"] = max(mine, default=None)
     return out
 
 
@@ -518,13 +551,13 @@ def plot(sizes: list[dict[str, Any]], path: Path) -> None:
     grouped_bars(
         path,
         "warm weight update, trainer process -> inference process",
-        [_size(s["mib"]) for s in sizes],
+        [size_label(s["mib"]) for s in sizes],
         series,
         "x torch copy_ of the same bytes (median)",
     )
 
 
-def _size(mib: int) -> str:
+def size_label(mib: int) -> str:
     return f"{mib >> 10} GiB" if mib >= 1024 and mib % 1024 == 0 else f"{mib} MiB"
 
 
@@ -546,122 +579,8 @@ def run(out_dir: Path, quick: bool, config: PeersConfig | None = None) -> list[B
     return [bench_result(s, cfg.reps) for s in sizes]
 
 
-# ---- the section of docs/performance.md ----------------------------------------------------
-
-
 def page_section(out_dir: Path, page: Path) -> str:
-    """The peers table, plot and reading, from ``out_dir/peers.json`` ("" before a run)."""
-    path = out_dir / "peers.json"
-    if not path.exists():
-        return ""
-    data = json.loads(path.read_text())
-    sizes, rel = data["sizes"], os.path.relpath(out_dir, page.parent)
-    cases = list(dict.fromkeys(r["case"] for s in sizes for r in s["rows"]))
-    base = statistics.median(r["rss_base_mb"] for s in sizes for r in s["rows"] if r["verified"])
-    head = " | ".join(f"{_size(s['mib'])} s | x copy_ | RSS T / I | added T / I" for s in sizes)
-    lines = [
-        "## Weight-sync peers",
-        "",
-        "`mx-sim bench --only peers`: a warm update of an fp32 HF Llama from a trainer process "
-        f"to an inference process, median of {data['config']['reps']}, the methods interleaved "
-        "in one run, fresh processes each repetition, every tensor checked with `torch.equal` "
-        "(FAILED: not timed). x copy_: over `copy_` of the same bytes in one process. RSS: "
-        "each process's peak in the warm update, trainer (T) / inference (I), in model bytes; "
-        f"it counts the ~{base:.0f} MB a rank holds before any weights (torch, transformers, "
-        f"Megatron-Core), added does not. Raw results: [`{rel}/peers.json`]({rel}/peers.json).",
-        "",
-        f"| method | {head} |",
-        "|---|" + "---:|" * 4 * len(sizes),
-    ]
-    for case in cases:
-        cells = []
-        for s in sizes:
-            r = next((r for r in s["rows"] if r["case"] == case), None)
-            if r is None or not r["verified"]:
-                cells.append(f"{'FAILED' if r else '—'} | | | ")
-                continue
-            rss = [f"{r[k]:.2f}" if r[k] is not None else "—" for k in RSS_KEYS]  # peak, added
-            cells.append(f"{r['seconds']:.3f} | {r.get('x_copy', 0):.1f} | {rss[0]} / {rss[1]} | "
-                         f"{rss[2]} / {rss[3]}")  # fmt: skip
-        method, _, topology = case.partition(" ")
-        name = METHODS[method] + (f", {topology}" if topology else "")
-        lines.append(f"| {name} | {' | '.join(cells)} |")
-    reading = [*_reading(sizes), "", *_projection(sizes)]
-    return "\n".join([*lines, "", f"![peers]({rel}/peers.png)", "", *reading, ""])
+    """The peers section of docs/performance.md: :func:`mx_sim.bench.peers_page.page_section`."""
+    from mx_sim.bench.peers_page import page_section as section  # it imports this module
 
-
-PROJECTED_BYTES = 8e9  # an 8 GB model on 8 trainer + 8 inference ranks: 1 GB a rank
-PROJECTED_RANKS = 8
-NIC_8GB_S = 0.205  # the seed's figure: 8 GB over one 400 Gbps NIC
-
-
-def _projection(sizes: list[dict[str, Any]]) -> list[str]:
-    """Scale on paper: the largest size's measured per-byte phase costs, applied to 1 GB a
-    rank, with the pull at the NIC's speed instead of this VM's."""
-    size = sizes[-1]
-    ours = next((r for r in size["rows"] if r["case"] == "refit_nixl" and r["verified"]), None)
-    if ours is None:
-        return []
-    per_rank = PROJECTED_BYTES / PROJECTED_RANKS
-    scale = per_rank / size["model_bytes"]
-    local = {p: ours["phases"].get(p, 0.0) * scale for p in ("publish", "verify", "apply")}
-    nic = {"one NIC a rank": NIC_8GB_S / PROJECTED_RANKS, "one NIC for all 8": NIC_8GB_S}
-    lines = [
-        "### Scale on paper",
-        "",
-        f"An 8 GB model on {PROJECTED_RANKS} trainer + {PROJECTED_RANKS} inference ranks "
-        "(TP 8 on each side: 1 GB a rank, the ranks in parallel), from the per-byte costs of "
-        f"our refit measured above at {_size(size['mib'])} on this CPU VM, and the pull at the "
-        f"seed's NIC figure (8 GB in {NIC_8GB_S} s over one 400 Gbps NIC). Publish, verify and "
-        "apply run at this VM's memory speed here; on a GPU they run at HBM speed, so these "
-        "rows bound them from above.",
-        "",
-        "| per rank, s | publish | pull | verify | apply | total |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    for label, pull in nic.items():
-        cells = [local["publish"], pull, local["verify"], local["apply"]]
-        row = " | ".join(f"{c:.3f}" for c in [*cells, sum(cells)])
-        lines.append(f"| {label} | {row} |")
-    return lines
-
-
-def _reading(sizes: list[dict[str, Any]]) -> list[str]:
-    """Where our refit's time goes against the peers, from the phases its ranks report."""
-    lines = [
-        "Our refit over NIXL at TP1->TP1 by phase (median s, x copy_): publish copies each "
-        "shard into the trainer's arena and digests it; pull is the reads; verify digests every "
-        "byte again on the receiver; apply copies into the model; the rest is discovery, "
-        "planning, translation and the signals between the processes.",
-        "",
-        f"| size | {' | '.join(PHASES)} | rest | total |",
-        "|---|" + "---:|" * (len(PHASES) + 2),
-    ]
-    notes = []
-    for s in sizes:
-        rows = {r["case"]: r for r in s["rows"] if "x_copy" in r}
-        if "refit_nixl" not in rows:
-            continue
-        ours, copy_s = rows["refit_nixl"], rows["copy"]["seconds"]
-        ph = {p: ours["phases"].get(p, 0.0) for p in PHASES}
-        read = rows.get("nixl_read", {}).get("seconds")
-        seconds = [*ph.values(), ours["seconds"] - sum(ph.values()), ours["seconds"]]
-        cells = [f"{v:.3f} ({v / copy_s:.1f}x)" for v in seconds]
-        lines.append(f"| {_size(s['mib'])} | {' | '.join(cells)} |")
-        top = max(ph, key=ph.__getitem__)
-        around = ph["publish"] + ph["verify"] + ph["apply"]
-        notes.append(
-            f"At {_size(s['mib'])} our refit is {ours['x_copy']:.1f}x copy_ and its largest "
-            f"phase is {top} ({ph[top] / copy_s:.1f}x); publish, verify and apply take "
-            f"{around / copy_s:.1f}x copy_ together, the pull {ph['pull'] / copy_s:.1f}x"
-            + (f" ({ph['pull'] / read:.1f}x one NIXL read of the same bytes)." if read else ".")
-        )
-    return [
-        *lines,
-        "",
-        "The peers digest nothing: each costs its transport and a `copy_` into the model (the "
-        "per-tensor broadcast pays gloo's latency per tensor, safetensors a write and a read "
-        "of /dev/shm). Our refit adds copies and digests around its pull: the trainer's "
-        "snapshot into its arena and its digest, a second digest on the receiver, and the "
-        "apply. " + " ".join(notes),
-    ]
+    return section(out_dir, page)

@@ -183,12 +183,17 @@ class VllmShapedAdapter(ShardedReferenceAdapter):
     def build_sharded(
         self, kind: str, *, tp_size: int, tp_rank: int, seed: int = 0, **config: Any
     ) -> ShardedModel:
-        full = self.build_model(kind, seed=seed, **config)
-        meta = hf_meta(full)
-        params = {n: p.detach() for n, p in model_parameters(full).items()}
-        layout = vllm_layout({n: meta[n] for n in params}, full.config, tp_size, tp_rank)
-        local = {n: cut(params, parts).clone() for n, parts in layout.items()}
-        return ShardedModel(full.to("meta"), local, layout, meta, tp_size, tp_rank)
+        return vllm_shard(self.build_model(kind, seed=seed, **config), tp_size, tp_rank)
+
+
+def vllm_shard(full: torch.nn.Module, tp_size: int, tp_rank: int) -> ShardedModel:
+    """Rank ``tp_rank`` of a vLLM-shaped engine holding ``full``'s weights: its local tensors
+    cut by :func:`vllm_layout`; ``full`` moves to the meta device, freeing its memory."""
+    meta = hf_meta(full)
+    params = {n: p.detach() for n, p in model_parameters(full).items()}
+    layout = vllm_layout({n: meta[n] for n in params}, full.config, tp_size, tp_rank)
+    local = {n: cut(params, parts).clone() for n, parts in layout.items()}
+    return ShardedModel(full.to("meta"), local, layout, meta, tp_size, tp_rank)
 
 
 def vllm_shaped_adapter() -> VllmShapedAdapter:

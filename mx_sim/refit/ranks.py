@@ -76,6 +76,7 @@ class TrainerRank:
         source: Any,
         *,
         model_id: str = MODEL_ID,
+        sign_later: bool = False,
     ):
         assert info.role == "trainer", info
         self.info, self.registry, self.source, self.model_id = info, registry, source, model_id
@@ -84,7 +85,7 @@ class TrainerRank:
             RefitPublisher(
                 transport,
                 registry,
-                PublisherConfig(model_id),
+                PublisherConfig(model_id, sign_later=sign_later),
                 backend=CpuMockBackend(),
                 tp=self.tp,
                 pp=(info.pp_rank, info.pp_size),

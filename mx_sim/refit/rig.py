@@ -55,6 +55,7 @@ class RigConfig:
     fault: Fault | None = None  # a trainer-side transport fault (its FaultKind has a plan)
     tcp_store: bool = False  # host the registry on a loopback TCPStore: ranks in other
     # processes reach it at ``rig.address``
+    sign_later: bool = False  # publishers hash after publishing (PublisherConfig.sign_later)
 
 
 class RefitRig:
@@ -95,7 +96,9 @@ class RefitRig:
             agent = make_transport(self.config.transport, _name("trainer"), faults=plan)
             info = self.spec.rank_info(rank)
             source = HfSplitShards(self.weights, info)
-            trainers.append(TrainerRank(info, self.registry, agent, source))
+            trainers.append(
+                TrainerRank(info, self.registry, agent, source, sign_later=self.config.sign_later)
+            )
         return trainers
 
     def restart_trainers(self, trainer_tp: int, trainer_pp: int = 1, trainer_ep: int = 1) -> None:

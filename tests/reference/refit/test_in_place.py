@@ -23,9 +23,10 @@ def step(rig: RefitRig, views, version: int) -> None:
         view.copy_(t)
 
 
-@pytest.fixture(params=["sim", "nixl"])
+@pytest.fixture(params=[("sim", False), ("nixl", False), ("sim", True)], ids=str)
 def rig(request):
-    with RefitRig(RigConfig(transport=request.param, timeout_s=5.0)) as rig:
+    transport, sign_later = request.param  # signed later: begin_write waits for the digests too
+    with RefitRig(RigConfig(transport=transport, timeout_s=5.0, sign_later=sign_later)) as rig:
         yield rig
 
 

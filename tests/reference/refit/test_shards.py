@@ -3,6 +3,8 @@ rows, strided pieces become exact spans, and layouts no plan covers are refused.
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -35,6 +37,41 @@ def test_checksums_of_disjoint_boxes_add_up_to_the_whole(rows, cols, cuts, axis,
         starts[axis] = lo
         parts += box_checksum(full.narrow(axis, lo, hi - lo), tuple(full.shape), tuple(starts))
     assert parts & CHECKSUM_MASK == box_checksum(full, tuple(full.shape), (0, 0))
+
+
+def _checksum_by_definition(block: torch.Tensor, starts: tuple[int, ...]) -> int:
+    """The sum over int32 words of (word + 1) * w(global index) mod 2**32, word by word."""
+    size = block.element_size()
+    words = block.contiguous().view({1: torch.int8, 2: torch.int16}.get(size, torch.int32))
+    per, last = max(size // 4, 1), words.dim() - 1  # an 8-byte element is two words
+    total = 0
+    for index in itertools.product(*(range(n) for n in words.shape)):
+        weight = 1
+        for d, i in enumerate(index):
+            g = i + starts[d] * (per if d == last else 1)
+            weight *= (g * 0x9E3779B9 + ((d + 1) * 0x2545F491 & 0x7FFFFFFF)) & CHECKSUM_MASK | 1
+        total += (int(words[index]) + 1) * weight
+    return total & CHECKSUM_MASK
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    shape=st.lists(st.integers(1, 5), min_size=1, max_size=3),
+    starts=st.lists(st.integers(0, 7), min_size=3, max_size=3),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float64, torch.int8]),
+    block_words=st.sampled_from([1, 3, 1 << 18]),
+)
+def test_checksum_is_its_definition_for_any_block_size(shape, starts, dtype, block_words):
+    import mx_reference.refit.wire as wire
+
+    block = (torch.randn(shape) * 50).to(dtype)
+    at = tuple(starts[: len(shape)])
+    global_shape = tuple(s + a for s, a in zip(shape, at, strict=True))
+    old, wire._FOLD_WORDS = wire._FOLD_WORDS, block_words  # one row, or rows, at a time
+    try:
+        assert box_checksum(block, global_shape, at) == _checksum_by_definition(block, at)
+    finally:
+        wire._FOLD_WORDS = old
 
 
 def test_checksum_sees_one_flipped_bit_and_two_swapped_elements():

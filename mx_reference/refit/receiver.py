@@ -458,7 +458,7 @@ class RefitReceiver:
             for i, d in enumerate(m.tensors)
             if d.digest or m.signed_later
         ]
-        # blake3 drops the GIL while hashing, so threads spread the hashing over the cores
+        # xxhash drops the GIL while hashing, so threads hashing shards use every core
         with ThreadPoolExecutor(os.cpu_count()) as pool:
             found = list(pool.map(lambda ji: digest(manifests[ji[0]], ji[1]), hashed))
         signed = [self.registry.signed(m) for m in manifests]

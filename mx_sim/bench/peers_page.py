@@ -178,8 +178,25 @@ def _goals(sizes: list[Size]) -> list[str]:
             if x["pull"] >= 3
             else f"That leaves {3 - x['pull']:.2f}x copy_ for every other phase together. "
         )
-        + "".join(why[p] for p in why if x[p] > limit[p]).rstrip(),
+        + ("".join(why[p] for p in why if x[p] > limit[p]) + _mixed_bound(rows, copy_s)).strip(),
     ]
+
+
+def _mixed_bound(rows: dict[str, dict[str, Any]], copy_s: float) -> str:
+    """TP2->TP1 against TP1->TP1, phase by phase: what the mixed layout adds."""
+    mixed, matched = rows.get("refit_nixl TP2->TP1"), rows["refit_nixl"]
+    if mixed is None:
+        return ""
+    cells = ", ".join(
+        f"{p} {mixed['phases'].get(p, 0.0) / copy_s:.2f}x"
+        f" ({matched['phases'].get(p, 0.0) / copy_s:.2f}x)"
+        for p in (*PHASES, "translate")
+    )
+    return (
+        f"TP2->TP1 ({mixed['seconds'] / copy_s:.1f}x; at TP1->TP1 in brackets): {cells}: "
+        "its pull reads two sources, and three processes share the two cores; translate "
+        "copies the row-parallel pieces out of scratch."
+    )
 
 
 PROJECTED_BYTES = 8e9  # an 8 GB model on 8 trainer + 8 inference ranks: 1 GB a rank
